@@ -1,0 +1,37 @@
+"""The triton backend: Triton kernels, the primary backend on NVIDIA GPUs.
+
+On a machine without a GPU it serves CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` is set
+before triton is imported, and only when forced (that is how CI runs these kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from liger_core import __version__, env
+from liger_core.spec import BackendSpec
+
+
+def available() -> list[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed (pip install triton; Linux only)"]
+    if env.triton_interpret():
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return ["no CUDA GPU is visible (set TRITON_INTERPRET=1 to run its kernels on the CPU, for testing)"]
+    return []
+
+
+BACKEND = BackendSpec(
+    name="triton",
+    priority=10,
+    kernels={
+        "rms_norm": "liger_backends.triton.rms_norm:KERNEL",
+    },
+    available=available,
+    version=__version__,
+    devices=("cuda",),
+    forced_only_devices=("cpu",) if env.triton_interpret() else (),
+)

@@ -1,0 +1,363 @@
+"""Picking the kernel for one call, and running it under autograd.
+
+Selection order (DESIGN.md), strongest first:
+
+1. ``LIGER_KERNEL_BACKEND_<OP>`` (or upstream's ``LIGER_KERNEL_IMPL_<OP>``): required for that operator;
+2. a module's ``impl=`` argument, then ``use_backend(...)`` scopes, innermost first: required;
+3. ``LIGER_KERNEL_BACKEND=a,b`` (or ``LIGER_KERNEL_IMPL``): a preference list; the listed backends that implement
+   the operator are tried in order as a requirement; if none implements it, automatic selection;
+4. automatic: the available backends whose kernel supports the call; one is chosen by autotuning when several
+   can serve on CUDA (or ``LIGER_KERNEL_AUTOTUNE=1``), else by priority (lower wins, ties by name).
+
+A required backend that cannot serve raises `BackendUnavailableError` with the call's inputs and every reason:
+never a silent fallback. The choice is memoised per (operator, key, forcing state) in a plain dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from . import env
+from .errors import BackendUnavailableError
+from .registry import get_registry
+from .spec import KernelSpec, OpSpec
+
+# Active use_backend scopes, outermost first: ((backend names...), op or None).
+_scopes: contextvars.ContextVar[tuple[tuple[tuple[str, ...], str | None], ...]] = contextvars.ContextVar(
+    "liger_kernel_backend_scopes", default=()
+)
+_memo: dict[tuple, str] = {}
+_environment_checked = False
+
+
+def clear_memo() -> None:
+    global _environment_checked
+    _memo.clear()
+    _checked.clear()
+    _environment_checked = False
+
+
+# -- forcing ----------------------------------------------------------------------------------------------------
+
+
+def _normalise_names(names: str | Sequence[str], what: str) -> tuple[str, ...]:
+    """Map names (ours or upstream's aliases) onto registered backends; unknown ones are a ValueError."""
+    registry = get_registry()
+    if isinstance(names, str):
+        names = [names]
+    resolved = []
+    for raw in names:
+        if not isinstance(raw, str):
+            raise TypeError(f"{what}: backend names must be strings, got {type(raw).__name__}")
+        name = raw.strip().lower()
+        if name not in registry.backends and name not in _failed_backend_names():
+            name = env.UPSTREAM_IMPL_NAMES.get(name, name)
+        if name not in registry.backends and name not in _failed_backend_names():
+            raise ValueError(
+                f"{what}: unknown backend {raw!r}; registered backends: {sorted(registry.backends)}"
+                + (f" (failed to load: {sorted(_failed_backend_names())})" if _failed_backend_names() else "")
+            )
+        resolved.append(name)
+    if not resolved:
+        raise ValueError(f"{what}: expected at least one backend name")
+    return tuple(resolved)
+
+
+def _failed_backend_names() -> set[str]:
+    return {where.split(" ", 1)[0] for where in get_registry().failures if "." not in where.split(" ", 1)[0]}
+
+
+@contextlib.contextmanager
+def use_backend(names: str | Sequence[str], op: str | None = None) -> Iterator[None]:
+    """Require `names` (tried in order) for every operator, or only for `op`, inside the ``with`` block.
+
+    Scopes nest (the innermost applicable one decides) and are thread- and task-local.
+    """
+    resolved = _normalise_names(names, "use_backend")
+    if op is not None and op not in get_registry().operator_names():
+        raise ValueError(f"use_backend: unknown operator {op!r}; the operators are: {get_registry().operator_names()}")
+    token = _scopes.set(_scopes.get() + ((resolved, op),))
+    try:
+        yield
+    finally:
+        _scopes.reset(token)
+
+
+def _forcing(op: str, impl: str | Sequence[str] | None) -> tuple:
+    """The forcing state for `op`: (requirement or None, where it came from, preference list)."""
+    global _environment_checked
+    if not _environment_checked:
+        env.check_operator_variables(get_registry().operator_names())
+        _environment_checked = True
+    required, preferred = env.forcing_for(op)
+    if required is not None:
+        variable = env.op_variable(env.BACKEND, op)
+        return _checked_names(required, variable), variable, ()
+    if impl is not None:
+        return _normalise_names(impl, f"{op}: argument 'impl'"), "the impl= argument", ()
+    for names, scope_op in reversed(_scopes.get()):
+        if scope_op is None or scope_op == op:
+            return names, "use_backend(...)", ()
+    return None, "", _checked_names(preferred, env.BACKEND) if preferred else ()
+
+
+_checked: dict[tuple, tuple[str, ...]] = {}
+
+
+def _checked_names(names: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """`_normalise_names`, memoised: environment values are checked once, not at every call."""
+    checked = _checked.get((names, what))
+    if checked is None:
+        checked = _checked[(names, what)] = _normalise_names(names, what)
+    return checked
+
+
+# -- candidates ------------------------------------------------------------------------------------------------
+
+
+def _describe_call(spec: OpSpec, inputs: tuple, attrs: dict) -> str:
+    parts = []
+    for input_spec, value in zip(spec.inputs, inputs):
+        if isinstance(value, torch.Tensor):
+            parts.append(f"{input_spec.name}={tuple(value.shape)} {value.dtype} on {value.device}")
+        else:
+            parts.append(f"{input_spec.name}={value!r}")
+    changed = {k: v for k, v in attrs.items() if v != next(a.default for a in spec.attrs if a.name == k)}
+    if changed:
+        parts.append(", ".join(f"{k}={v!r}" for k, v in changed.items()))
+    return f"{spec.name}({', '.join(parts)})"
+
+
+def _reasons(spec: OpSpec, backend_name: str, inputs: tuple, attrs: dict, forced: bool) -> list[str]:
+    """Why `backend_name` cannot serve this call (empty list: it can)."""
+    registry = get_registry()
+    backend = registry.backends[backend_name]
+    if spec.name not in backend.spec.kernels:
+        return [f"it has no kernel for {spec.name}"]
+    reasons = list(backend.unavailable_reasons())
+    if reasons:
+        return reasons
+    tensors = spec.call_tensors(inputs)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    devices = backend.spec.devices + (backend.spec.forced_only_devices if forced else ())
+    if device.type not in devices:
+        only_forced = device.type in backend.spec.forced_only_devices
+        return [
+            f"it does not serve {device.type} tensors"
+            + (
+                f" unless forced (e.g. LIGER_KERNEL_BACKEND_{spec.name.upper()}={backend_name})"
+                if only_forced
+                else ""
+            )
+        ]
+    try:
+        kernel = registry.kernel(spec.name, backend_name)
+    except ImportError as error:
+        return [str(error)]
+    forced_only = backend.spec.forced_only_devices if forced else ()
+    return _kernel_reasons(spec, kernel, forced_only, device, inputs, attrs)
+
+
+def _kernel_reasons(
+    spec: OpSpec, kernel: KernelSpec, forced_only: tuple[str, ...], device: torch.device, inputs: tuple, attrs: dict
+) -> list[str]:
+    reasons = []
+    if device.type not in kernel.devices and device.type not in forced_only:
+        reasons.append(f"its {spec.name} kernel does not serve {device.type} tensors (serves {list(kernel.devices)})")
+    dtype = spec.call_tensors(inputs)[0].dtype if spec.call_tensors(inputs) else None
+    allowed = kernel.dtypes if kernel.dtypes is not None else spec.dtypes
+    if dtype is not None and dtype not in allowed:
+        reasons.append(f"its {spec.name} kernel does not take {dtype} (takes {[str(d) for d in allowed]})")
+    if kernel.min_capability is not None and device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < kernel.min_capability:
+            reasons.append(f"it needs compute capability {kernel.min_capability}, this GPU has {capability}")
+    if not reasons:
+        try:
+            reasons.extend(kernel.supports(inputs, attrs))
+        except Exception as error:
+            reasons.append(f"its supports() raised {type(error).__name__}: {error}")
+    return reasons
+
+
+def _require(spec: OpSpec, names: tuple[str, ...], source: str, inputs: tuple, attrs: dict) -> str:
+    """The first of `names` that can serve this call; otherwise BackendUnavailableError with every reason."""
+    registry = get_registry()
+    all_reasons: dict[str, list[str]] = {}
+    for name in names:
+        if name not in registry.backends:
+            failures = [msg for where, msg in registry.failures.items() if where.split(" ", 1)[0] == name]
+            all_reasons[name] = [f"it failed to load: {failures[0] if failures else 'unknown error'}"]
+            continue
+        reasons = _reasons(spec, name, inputs, attrs, forced=True)
+        if not reasons:
+            return name
+        all_reasons[name] = reasons
+    raise _unavailable(spec, inputs, attrs, f"required by {source}", all_reasons)
+
+
+def _unavailable(spec: OpSpec, inputs: tuple, attrs: dict, context: str, reasons: dict[str, list[str]]):
+    lines = [f"no backend can serve {_describe_call(spec, inputs, attrs)} ({context}):"]
+    for name, why in reasons.items():
+        lines.append(f"  {name}: " + "; ".join(why))
+    return BackendUnavailableError("\n".join(lines), reasons)
+
+
+def _select(spec: OpSpec, inputs: tuple, attrs: dict, impl, tracing: bool) -> str:
+    required, source, preferred = _forcing(spec.name, impl)
+    memo_key = (spec.name, spec.key(inputs, attrs), required, preferred, env.autotune_setting(), tracing)
+    chosen = _memo.get(memo_key)
+    if chosen is not None:
+        return chosen
+    registry = get_registry()
+    if required is not None:
+        chosen = _require(spec, required, source, inputs, attrs)
+    else:
+        implementing = [
+            name
+            for name in preferred
+            if name in registry.backends and spec.name in registry.backends[name].spec.kernels
+        ]
+        if implementing:
+            chosen = _require(spec, tuple(implementing), env.BACKEND, inputs, attrs)
+        else:
+            chosen = _automatic(spec, inputs, attrs, tracing)
+    _memo[memo_key] = chosen
+    return chosen
+
+
+def _automatic(spec: OpSpec, inputs: tuple, attrs: dict, tracing: bool) -> str:
+    registry = get_registry()
+    candidates, reasons = [], {}
+    for name in registry.implementations(spec.name):
+        why = _reasons(spec, name, inputs, attrs, forced=False)
+        if why:
+            reasons[name] = why
+        else:
+            candidates.append(name)
+    if not candidates:
+        raise _unavailable(spec, inputs, attrs, "automatic selection", reasons)
+    if len(candidates) == 1:
+        return candidates[0]
+    tunable = [name for name in candidates if registry.backends[name].spec.autotune]
+    if len(tunable) >= 2:
+        from . import autotune
+
+        tensors = spec.call_tensors(inputs)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        setting = env.autotune_setting()
+        if setting if setting is not None else device.type == "cuda":
+            winner = autotune.choose(spec, tunable, inputs, attrs, device, may_time=not tracing and not _capturing())
+            if winner is not None:
+                return winner
+    if len(tunable) == 1:
+        return tunable[0]
+    return candidates[0]  # implementations() is sorted by priority, then name
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _select_while_tracing(op: str, attrs: dict, impl, *inputs) -> str:
+    # Runs once at trace time; Dynamo bakes the returned name into the graph as a constant. The tensors are passed
+    # one by one: Dynamo hands them over as (fake) tensors, but cannot turn a tuple holding tensors into a constant.
+    return _select(get_registry().operator(op), inputs, attrs, impl, tracing=True)
+
+
+def _load_while_tracing(op: str) -> bool:
+    # Discovery and the first import of an operator take locks that Dynamo cannot trace: do them outside its trace.
+    get_registry().operator(op)
+    return True
+
+
+# What torch.compiler.assume_constant_result does, without its import of torch._dynamo (a second at startup).
+# tests/core/test_compile.py proves that Dynamo still treats the result as a constant.
+_select_while_tracing._dynamo_marked_constant = True
+_load_while_tracing._dynamo_marked_constant = True
+
+
+def select_backend(op: str, *inputs, impl: str | Sequence[str] | None = None, **attrs) -> str:
+    """The backend that `call(op, *inputs, **attrs)` would run now (for tools and tests)."""
+    spec = get_registry().operator(op)
+    inputs, attrs = spec.bind(inputs, attrs)
+    return _select(spec, inputs, attrs, impl, tracing=False)
+
+
+# -- running ---------------------------------------------------------------------------------------------------
+
+
+def call(op: str, *inputs, impl: str | Sequence[str] | None = None, **attrs):
+    """Run operator `op` on `inputs` with keyword `attrs` through the selected backend.
+
+    Returns the single output, or a tuple when the operator has several (``None`` for outputs not asked for).
+    """
+    if torch.compiler.is_compiling():
+        _load_while_tracing(op)
+    spec = get_registry().operator(op)
+    inputs, attrs = spec.bind(inputs, attrs)
+    if torch.compiler.is_compiling():
+        backend = _select_while_tracing(op, attrs, impl, *inputs)
+    else:
+        backend = _select(spec, inputs, attrs, impl, tracing=False)
+    outputs = run_kernel(spec, backend, inputs, attrs)
+    return outputs[0] if len(outputs) == 1 else outputs
+
+
+def run_kernel(spec: OpSpec, backend: str, inputs: tuple, attrs: dict) -> tuple:
+    """Run one backend's kernel: directly when no gradient is needed or autograd differentiates its forward,
+    otherwise through the generic autograd bridge that calls its backward."""
+    kernel = get_registry().kernel(spec.name, backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        inputs[i] is not None and inputs[i].requires_grad for i in spec.differentiable_inputs
+    )
+    if kernel.backward is None or not needs_grad:
+        outputs, _ = kernel.forward(inputs, attrs, needs_grad)
+        return tuple(outputs)
+    return KernelFunction.apply(spec.name, backend, tuple(attrs.values()), *inputs)
+
+
+class KernelFunction(torch.autograd.Function):
+    """The one autograd bridge: forward runs a kernel's `forward`, backward its `backward`."""
+
+    @staticmethod
+    def forward(ctx, op: str, backend: str, attr_values: tuple, *inputs):
+        registry = get_registry()
+        spec = registry.operator(op)
+        kernel = registry.kernel(op, backend)
+        attrs = dict(zip((a.name for a in spec.attrs), attr_values))
+        outputs, saved = kernel.forward(inputs, attrs, True)
+        saved = tuple(saved) if isinstance(saved, (tuple, list)) else (saved,)
+        # Tensors go through save_for_backward so autograd's version checks cover them.
+        ctx.save_for_backward(*(item for item in saved if isinstance(item, torch.Tensor)))
+        ctx.saved_layout = tuple(None if isinstance(item, torch.Tensor) else item for item in saved)
+        ctx.tensor_slots = tuple(isinstance(item, torch.Tensor) for item in saved)
+        ctx.op, ctx.backend, ctx.input_count = op, backend, len(inputs)
+        ctx.set_materialize_grads(False)
+        non_differentiable = [
+            out
+            for out, out_spec in zip(outputs, spec.outputs)
+            if isinstance(out, torch.Tensor) and not out_spec.differentiable
+        ]
+        if non_differentiable:
+            ctx.mark_non_differentiable(*non_differentiable)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        registry = get_registry()
+        spec = registry.operator(ctx.op)
+        kernel = registry.kernel(ctx.op, ctx.backend)
+        tensors = iter(ctx.saved_tensors)
+        saved = tuple(
+            next(tensors) if is_tensor else item for is_tensor, item in zip(ctx.tensor_slots, ctx.saved_layout)
+        )
+        grads = kernel.backward(saved, grad_outputs)
+        full: list = [None] * ctx.input_count
+        for index, grad in zip(spec.differentiable_inputs, grads):
+            full[index] = grad
+        return (None, None, None, *full)

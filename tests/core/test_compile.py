@@ -1,0 +1,71 @@
+"""torch.compile(fullgraph=True) through the dispatcher: selection happens at trace time as a constant, kernels with
+a backward run through the autograd bridge, and a second step does not recompile."""
+
+import torch
+import torch._dynamo.testing
+
+import liger_core
+
+
+def compile_counted(fn):
+    counter = torch._dynamo.testing.CompileCounter()
+    return torch.compile(fn, fullgraph=True, backend=counter), counter
+
+
+def test_reference_rms_norm_compiles_without_graph_break_or_recompile():
+    torch._dynamo.reset()
+    fn, counter = compile_counted(lambda x, w: liger_core.call("rms_norm", x, w, eps=1e-5) * 2)
+    x, w = torch.randn(5, 19, requires_grad=True), torch.randn(19, requires_grad=True)
+    expected = liger_core.call("rms_norm", x, w, eps=1e-5) * 2
+    for _ in range(2):
+        got = fn(x, w)
+        torch.testing.assert_close(got, expected)
+    assert counter.frame_count == 1
+    got.sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+
+def test_cross_entropy_compiles_with_all_outputs():
+    torch._dynamo.reset()
+    fn, counter = compile_counted(
+        lambda z, t: liger_core.call("cross_entropy", z, t, None, return_z_loss=True, lse_square_scale=1e-3)
+    )
+    z, t = torch.randn(9, 31, requires_grad=True), torch.randint(0, 31, (9,))
+    loss, z_loss, _, _ = fn(z, t)
+    expected = liger_core.call("cross_entropy", z, t, None, return_z_loss=True, lse_square_scale=1e-3)
+    torch.testing.assert_close(loss, expected[0])
+    torch.testing.assert_close(z_loss, expected[1])
+    loss.backward()
+    assert counter.frame_count == 1
+
+
+def test_plugin_kernel_with_backward_compiles_through_the_bridge():
+    torch._dynamo.reset()
+    fn, counter = compile_counted(lambda x, w: liger_core.call("rms_norm", x, w, impl="testplug"))
+    x, w = torch.randn(5, 19, requires_grad=True), torch.randn(19, requires_grad=True)
+    y = fn(x, w)
+    y.backward(torch.ones_like(y))
+    x2, w2 = x.detach().requires_grad_(), w.detach().requires_grad_()
+    liger_core.call("rms_norm", x2, w2, impl="reference").backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    assert counter.frame_count == 1
+
+
+def test_selection_inside_compile_follows_forcing_at_trace_time(monkeypatch):
+    torch._dynamo.reset()
+    calls = []
+    import liger_core.dispatch as dispatch
+
+    original = dispatch._select
+
+    def spy(spec, inputs, attrs, impl, tracing):
+        calls.append(tracing)
+        return original(spec, inputs, attrs, impl, tracing)
+
+    monkeypatch.setattr(dispatch, "_select", spy)
+    monkeypatch.setenv("LIGER_KERNEL_BACKEND_RMS_NORM", "testplug")
+    fn = torch.compile(lambda x: liger_core.call("rms_norm", x, None), fullgraph=True, backend="eager")
+    fn(torch.randn(3, 8))
+    fn(torch.randn(3, 8))
+    assert calls == [True]  # once, at trace time

@@ -1,0 +1,146 @@
+"""Backend discovery through entry points: the installed test plugins, a broken one, stevedore's stale cache, and
+the validation of specs."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pydantic
+import pytest
+import torch
+
+import liger_core
+from liger_core import registry as registry_module
+from liger_core.registry import Registry, get_registry
+from liger_core.spec import AttrSpec, BackendSpec, InputSpec, KernelSpec, OpSpec, OutputSpec
+
+
+def test_installed_plugin_backends_and_operator_are_discovered():
+    registry = get_registry()
+    assert registry.backends["testplug"].distribution == "liger-test-plugin"
+    assert registry.backends["testslow"].distribution == "liger-test-plugin"  # from a factory entry point
+    assert registry.backends["reference"].first_party
+    assert "scale" in registry.operator_names()
+    x = torch.randn(4, 3, requires_grad=True)
+    y = liger_core.call("scale", x, factor=3.0)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, torch.full_like(x, 3.0))
+
+
+def test_kernel_modules_are_imported_on_first_use_only():
+    code = (
+        "import sys, torch, liger_core; from liger_core.registry import get_registry; get_registry();"
+        "assert 'liger_test_plugin.kernels' not in sys.modules;"
+        "assert 'liger_backends.triton.rms_norm' not in sys.modules and 'triton' not in sys.modules;"
+        "liger_core.call('rms_norm', torch.randn(2, 3), None, impl='testplug');"
+        "assert 'liger_test_plugin.kernels' in sys.modules; print('lazy')"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "lazy"
+
+
+def test_a_broken_plugin_costs_one_warning_and_nothing_else():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        registry = Registry()
+    messages = [str(w.message) for w in caught if "liger_kernel" in str(w.message)]
+    assert messages == [
+        "liger_kernel: backend plugin broken (liger-broken-plugin) was not loaded: "
+        "RuntimeError: liger_broken_plugin is broken on purpose (a missing dependency, say)"
+    ]
+    assert "broken (liger-broken-plugin)" in registry.failures
+    assert {"reference", "triton", "cuda", "testplug", "testslow"} <= set(registry.backends)
+
+
+def test_stale_stevedore_cache_does_not_hide_a_plugin(tmp_path):
+    """Fill stevedore's on-disk entry-point cache, strip our group from it (as a stale cache after an editable
+    install looks), and check that a new process still finds every backend."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("TRITON_INTERPRET", None)
+    list_backends = "from liger_core.registry import get_registry; print(sorted(get_registry().backends))"
+    first = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", list_backends], capture_output=True, text=True, env=env
+    )
+    assert first.returncode == 0, first.stderr
+    cache_files = list((tmp_path / "python-entrypoints").iterdir())
+    assert cache_files, "stevedore wrote no cache: the test would prove nothing"
+    for path in cache_files:
+        data = json.loads(path.read_text())
+        data["groups"][registry_module.GROUP] = [
+            ["reference", "liger_backends.reference:BACKEND", registry_module.GROUP]
+        ]
+        path.write_text(json.dumps(data))
+    probe = "from stevedore import ExtensionManager as M; print(len(M('liger_kernel.backends').list_entry_points()))"
+    stale = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    assert stale.stdout.strip() == "1", "the doctored cache is not in use: the test would prove nothing"
+    second = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", list_backends], capture_output=True, text=True, env=env
+    )
+    assert second.stdout == first.stdout
+    assert "testplug" in second.stdout
+
+
+def _backend(name, **kwargs):
+    return BackendSpec(name=name, **kwargs)
+
+
+def test_duplicate_backend_name_keeps_the_first_party_one_and_warns_naming_both():
+    registry = get_registry()
+    with pytest.warns(RuntimeWarning, match="backend name 'reference' is already taken by distribution 'liger-core'"):
+        registry._add(
+            _backend("reference", kernels={"rms_norm": "evil.module:KERNEL"}), "evil-dist", "reference (evil-dist)"
+        )
+    assert registry.backends["reference"].distribution == "liger-core"
+
+
+def test_backend_with_a_kernel_for_an_unknown_operator_is_rejected():
+    registry = Registry()
+    registry.backends["odd"] = registry_module.Backend(_backend("odd", kernels={"no_such_op": "x.y:K"}), "odd-dist")
+    with pytest.warns(RuntimeWarning, match="kernel for the unknown operator 'no_such_op'"):
+        registry._reject_unknown_operators()
+    assert "odd" not in registry.backends
+
+
+def test_backend_redefining_an_existing_operator_is_rejected():
+    registry = Registry()
+    with pytest.warns(RuntimeWarning, match=r"defines operators that already exist: \['rms_norm'\]"):
+        registry._add(_backend("sneaky", operators={"rms_norm": "x.y:SPEC"}), "sneaky-dist", "sneaky (sneaky-dist)")
+    assert "sneaky" not in registry.backends
+
+
+@pytest.mark.parametrize("reference", ["nocolon", "a.b:", ":attr", "a b:c", "mod:attr:more"])
+def test_malformed_module_references_are_rejected(reference):
+    with pytest.raises(pydantic.ValidationError, match="must look like 'package.module:attribute'"):
+        _backend("ok", kernels={"rms_norm": reference})
+
+
+def test_spec_field_validation():
+    with pytest.raises(pydantic.ValidationError, match="String should match pattern"):
+        _backend("Bad-Name")
+    with pytest.raises(pydantic.ValidationError, match="cannot be differentiable"):
+        InputSpec(name="n", kind="int", differentiable=True)
+    with pytest.raises(pydantic.ValidationError, match="argument names used twice"):
+        OpSpec(
+            name="twice",
+            inputs=(InputSpec(name="x"),),
+            attrs=(AttrSpec(name="x", type="int", default=0),),
+            outputs=(OutputSpec(name="y"),),
+            key_fn=lambda i, a: (),
+            make_inputs_fn=lambda *a, **k: ((), {}),
+        )
+    with pytest.raises(pydantic.ValidationError):
+        KernelSpec(op="rms_norm", forward=lambda *a: None, unknown_field=1)
+    spec = BackendSpec(name="frozen")
+    with pytest.raises(pydantic.ValidationError):
+        spec.priority = 1
+
+
+def test_entry_point_naming_a_wrong_object_is_a_recorded_failure(monkeypatch):
+    registry = get_registry()
+    with pytest.raises(registry_module.SpecError, match="is a str, expected a KernelSpec"):
+        registry_module.import_reference("liger_core:__version__", KernelSpec, "test")
+    assert registry.failures.get("broken (liger-broken-plugin)")
