@@ -46,7 +46,7 @@ def gather_info() -> dict:
             selected = dispatch._select(spec, inputs, attrs, None, tracing=False)
         except Exception as error:  # an override that cannot serve: show why instead of failing the whole report
             selected = f"error: {type(error).__name__}: {error}"
-        required, source, preferred = dispatch._forcing(op, None)
+        required, source, preferred, _ = dispatch._forcing(op, None)
         preferred_here = [
             name for name in preferred if name in registry.backends and op in registry.backends[name].spec.kernels
         ]

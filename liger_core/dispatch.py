@@ -88,27 +88,32 @@ def use_backend(names: str | Sequence[str], op: str | None = None) -> Iterator[N
 
 
 def _forcing(op: str, impl: str | Sequence[str] | None) -> tuple:
-    """The forcing state for `op`: (requirement or None, where it came from, preference list)."""
+    """The forcing state for `op`: (requirement or None, where it came from, preference list, autotune setting)."""
     global _environment_checked
     if not _environment_checked:
         env.check_operator_variables(get_registry().operator_names())
         _environment_checked = True
-    required, preferred = env.forcing_for(op)
+    required, preferred, autotune = env.forcing_for(op)
     if required is not None:
         variable = env.op_variable(env.BACKEND, op)
-        return _checked_names(required, variable), variable, ()
+        return _checked_names(required, variable), variable, (), autotune
     if impl is not None:
-        return _normalise_names(impl, f"{op}: argument 'impl'"), "the impl= argument", ()
+        return (
+            _checked_names(impl if isinstance(impl, str) else tuple(impl), f"{op}: argument 'impl'"),
+            "the impl= argument",
+            (),
+            autotune,
+        )
     for names, scope_op in reversed(_scopes.get()):
         if scope_op is None or scope_op == op:
-            return names, "use_backend(...)", ()
-    return None, "", _checked_names(preferred, env.BACKEND) if preferred else ()
+            return names, "use_backend(...)", (), autotune
+    return None, "", _checked_names(preferred, env.BACKEND) if preferred else (), autotune
 
 
 _checked: dict[tuple, tuple[str, ...]] = {}
 
 
-def _checked_names(names: tuple[str, ...], what: str) -> tuple[str, ...]:
+def _checked_names(names: str | tuple[str, ...], what: str) -> tuple[str, ...]:
     """`_normalise_names`, memoised: environment values are checked once, not at every call."""
     checked = _checked.get((names, what))
     if checked is None:
@@ -148,11 +153,7 @@ def _reasons(spec: OpSpec, backend_name: str, inputs: tuple, attrs: dict, forced
         only_forced = device.type in backend.spec.forced_only_devices
         return [
             f"it does not serve {device.type} tensors"
-            + (
-                f" unless forced (e.g. LIGER_KERNEL_BACKEND_{spec.name.upper()}={backend_name})"
-                if only_forced
-                else ""
-            )
+            + (f" unless forced (e.g. LIGER_KERNEL_BACKEND_{spec.name.upper()}={backend_name})" if only_forced else "")
         ]
     try:
         kernel = registry.kernel(spec.name, backend_name)
@@ -208,8 +209,8 @@ def _unavailable(spec: OpSpec, inputs: tuple, attrs: dict, context: str, reasons
 
 
 def _select(spec: OpSpec, inputs: tuple, attrs: dict, impl, tracing: bool) -> str:
-    required, source, preferred = _forcing(spec.name, impl)
-    memo_key = (spec.name, spec.key(inputs, attrs), required, preferred, env.autotune_setting(), tracing)
+    required, source, preferred, autotune = _forcing(spec.name, impl)
+    memo_key = (spec.name, spec.key(inputs, attrs), required, preferred, autotune, tracing)
     chosen = _memo.get(memo_key)
     if chosen is not None:
         return chosen

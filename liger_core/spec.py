@@ -101,11 +101,21 @@ class OpSpec(_Frozen):
     # make_inputs_fn(device, dtype, size, seed, **attrs) -> (inputs, attrs) with fresh random data.
     make_inputs_fn: Callable[..., tuple[tuple, dict]]
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    # Attribute sets (passed to make_inputs) that the conformance suite runs for every backend.
+    cases: tuple[dict[str, Any], ...] = ({},)
     reference_backend: str = "reference"
     # Conformance: an error at most twice the reference kernel's own error at that dtype plus this floor passes.
     error_floor: dict[torch.dtype, float] = Field(
         default_factory=lambda: {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float64: 1e-10}
     )
+
+    def model_post_init(self, context: Any) -> None:
+        # Derived once, so that binding a call only checks the attributes the caller passed. Kept in the instance
+        # __dict__ rather than as pydantic private attributes: torch.compile traces plain attribute reads, not
+        # pydantic's __getattr__.
+        self.__dict__["_attr_specs"] = {a.name: a for a in self.attrs}
+        self.__dict__["_defaults"] = {a.name: a.check(self.name, a.default) for a in self.attrs}
+        self.__dict__["_differentiable"] = tuple(i for i, spec in enumerate(self.inputs) if spec.differentiable)
 
     @model_validator(mode="after")
     def _names_are_unique(self) -> OpSpec:
@@ -119,7 +129,7 @@ class OpSpec(_Frozen):
 
     @property
     def differentiable_inputs(self) -> tuple[int, ...]:
-        return tuple(i for i, spec in enumerate(self.inputs) if spec.differentiable)
+        return self._differentiable
 
     def call_tensors(self, inputs: tuple) -> list[torch.Tensor]:
         """The tensors of a call, differentiable ones first: the first one sets the call's dtype and device."""
@@ -141,12 +151,13 @@ class OpSpec(_Frozen):
                     raise TypeError(f"{self.name}: argument {spec.name!r} must be a tensor, got None")
             elif not isinstance(value, torch.Tensor):
                 raise TypeError(f"{self.name}: argument {spec.name!r} must be a tensor, got {type(value).__name__}")
-        unknown = set(kwargs) - {a.name for a in self.attrs}
-        if unknown:
-            raise TypeError(
-                f"{self.name}: unknown arguments {sorted(unknown)}; accepted: {[a.name for a in self.attrs]}"
-            )
-        attrs = {a.name: a.check(self.name, kwargs.get(a.name, a.default)) for a in self.attrs}
+        attrs = dict(self._defaults)
+        for name, value in kwargs.items():
+            attr = self._attr_specs.get(name)
+            if attr is None:
+                unknown = sorted(set(kwargs) - set(self._attr_specs))
+                raise TypeError(f"{self.name}: unknown arguments {unknown}; accepted: {list(self._attr_specs)}")
+            attrs[name] = attr.check(self.name, value)
         if self.check is not None:
             self.check(args, attrs)
         return tuple(args), attrs

@@ -105,5 +105,11 @@ SPEC = OpSpec(
     ),
     check=check,
     key_fn=key,
+    cases=(
+        {},
+        {"reduction": "sum", "label_smoothing": 0.1, "with_weight": True},
+        {"reduction": "none", "softcap": 30.0, "lse_square_scale": 1e-4, "return_z_loss": True},
+        {"return_token_accuracy": True, "return_predicted_tokens": True, "ignore_index": 3},
+    ),
     make_inputs_fn=make_inputs,
 )

@@ -70,5 +70,11 @@ SPEC = OpSpec(
     outputs=(OutputSpec(name="y"),),
     check=check,
     key_fn=key,
+    cases=(
+        {},
+        {"casting_mode": "gemma", "offset": 1.0},
+        {"casting_mode": "none", "eps": 1e-5},
+        {"with_weight": False},
+    ),
     make_inputs_fn=make_inputs,
 )

@@ -1,0 +1,58 @@
+"""Every (operator, backend, dtype, case) of the registry against the reference backend (liger_core.testing).
+
+On the CPU the backends that serve CPU tensors run at "tiny" shapes (triton through its interpreter); with
+``-m gpu`` every backend that serves CUDA tensors runs at "small" shapes, and the default case at "llama8b".
+"""
+
+import pytest
+
+from liger_core import dispatch
+from liger_core.registry import get_registry
+from liger_core.testing import assert_conforms
+
+
+def _declines(op, backend, dtype, case, device) -> list[str]:
+    spec = get_registry().operator(op)
+    inputs, attrs = spec.make_inputs(device, dtype, "tiny", 0, **case)
+    return dispatch._reasons(spec, backend, *spec.bind(inputs, attrs), forced=True)
+
+
+def _cases(device: str, sizes: tuple[str, ...]):
+    registry = get_registry()
+    for op in registry.operator_names():
+        spec = registry.operator(op)
+        for backend in registry.implementations(op):
+            if backend == spec.reference_backend and device == "cpu":
+                continue  # the reference against itself proves nothing
+            for dtype in spec.dtypes:
+                for index, case in enumerate(spec.cases):
+                    if (
+                        not registry.backends[backend].first_party
+                        and device == "cpu"
+                        and _declines(op, backend, dtype, case, device)
+                    ):
+                        continue  # the test plugins serve a deliberately narrow subset
+
+                    for size in sizes if index == 0 else sizes[:1]:
+                        yield pytest.param(
+                            op, backend, dtype, case, size, id=f"{op}-{backend}-{dtype}-{size}-case{index}"
+                        )
+
+
+def _run(op, backend, dtype, case, size, device):
+    # A first-party kernel that declines a case of its operator is a gap to see in the report, not to hide.
+    reasons = _declines(op, backend, dtype, case, device)
+    if reasons:
+        pytest.skip(f"{backend} does not serve this case: " + "; ".join(reasons))
+    assert_conforms(op, backend, dtype, device=device, size=size, seed=7, attrs=case)
+
+
+@pytest.mark.parametrize("op, backend, dtype, case, size", list(_cases("cpu", ("tiny",))))
+def test_conformance_cpu(op, backend, dtype, case, size):
+    _run(op, backend, dtype, case, size, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op, backend, dtype, case, size", list(_cases("cuda", ("small", "llama8b"))))
+def test_conformance_gpu(op, backend, dtype, case, size):
+    _run(op, backend, dtype, case, size, "cuda")
