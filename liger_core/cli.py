@@ -2,6 +2,9 @@
 
 ``liger-kernel info [--json] [--autotune]``: which backend serves which operator on this machine and why not,
 what the default selection picks, plugins that failed to load, and the environment overrides in force.
+
+``liger-kernel demo [--steps N] [--device DEVICE]``: train a small Llama-style decoder with plain PyTorch layers and
+with the Liger modules, print both loss curves, and exit non-zero when they disagree (`liger_core.demo`).
 """
 
 from __future__ import annotations
@@ -138,7 +141,23 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser("info", help="backends, operators and selection on this machine")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.add_argument("--autotune", action="store_true", help="list the cached autotune decisions")
+    demo = commands.add_parser("demo", help="train a small model with and without the Liger modules and compare")
+    demo.add_argument("--steps", type=int, default=40, help="training steps of each run (default 40)")
+    demo.add_argument("--device", default="auto", help="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', ...")
+    demo.add_argument(
+        "--model",
+        choices=("auto", "transformers", "torch"),
+        default="auto",
+        help="transformers' LlamaForCausalLM or a plain PyTorch decoder (auto: transformers when installed)",
+    )
     args = parser.parse_args(argv)
+
+    if args.command == "demo":
+        from . import demo as demo_module
+
+        if args.steps < 1:
+            parser.error(f"--steps must be at least 1, got {args.steps}")
+        return demo_module.run(steps=args.steps, device=args.device, model=args.model)
 
     if args.command == "info":
         if args.autotune:

@@ -44,7 +44,7 @@ def clear_memo() -> None:
 # -- forcing ----------------------------------------------------------------------------------------------------
 
 
-def _normalise_names(names: str | Sequence[str], what: str) -> tuple[str, ...]:
+def normalise_backend_names(names: str | Sequence[str], what: str) -> tuple[str, ...]:
     """Map names (ours or upstream's aliases) onto registered backends; unknown ones are a ValueError."""
     registry = get_registry()
     if isinstance(names, str):
@@ -77,7 +77,7 @@ def use_backend(names: str | Sequence[str], op: str | None = None) -> Iterator[N
 
     Scopes nest (the innermost applicable one decides) and are thread- and task-local.
     """
-    resolved = _normalise_names(names, "use_backend")
+    resolved = normalise_backend_names(names, "use_backend")
     if op is not None and op not in get_registry().operator_names():
         raise ValueError(f"use_backend: unknown operator {op!r}; the operators are: {get_registry().operator_names()}")
     token = _scopes.set(_scopes.get() + ((resolved, op),))
@@ -114,10 +114,10 @@ _checked: dict[tuple, tuple[str, ...]] = {}
 
 
 def _checked_names(names: str | tuple[str, ...], what: str) -> tuple[str, ...]:
-    """`_normalise_names`, memoised: environment values are checked once, not at every call."""
+    """`normalise_backend_names`, memoised: environment values are checked once, not at every call."""
     checked = _checked.get((names, what))
     if checked is None:
-        checked = _checked[(names, what)] = _normalise_names(names, what)
+        checked = _checked[(names, what)] = normalise_backend_names(names, what)
     return checked
 
 

@@ -1,0 +1,409 @@
+"""``liger-kernel demo``: train a small Llama-style decoder twice and show that the Liger modules change nothing.
+
+The first run uses plain PyTorch layers; the second the very same model (identical initial weights, identical
+batches) with its RMSNorms replaced by `LigerRMSNorm` and the loss computed by `LigerCrossEntropyLoss`. Both loss
+curves are printed side by side with tokens/s and peak memory; the exit status is non-zero when the curves disagree.
+
+The model is transformers' ``LlamaForCausalLM`` with random weights when transformers is installed (nothing is
+downloaded), else a small decoder written here in plain PyTorch. The data is a fixed synthetic corpus of repeating
+motifs, so the loss visibly falls within a few dozen steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 256
+    vocab: int = 512
+    seq_len: int = 64
+    batch: int = 8
+    lr: float = 3e-3
+    eps: float = 1e-6
+    motifs: int = 24
+
+
+@dataclass
+class RunResult:
+    name: str
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+    peak_memory_mib: float = float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+# -- the plain PyTorch model (used when transformers is not installed) -------------------------------------------
+
+
+class TorchRMSNorm(nn.Module):
+    """Hugging Face's LlamaRMSNorm, written out: variance in fp32, cast back before the weight multiply."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden = hidden_states.to(torch.float32)
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden.to(input_dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: DemoConfig):
+        super().__init__()
+        self.heads, self.kv_heads = config.heads, config.kv_heads
+        self.head_dim = config.hidden // config.heads
+        self.q_proj = nn.Linear(config.hidden, config.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden, config.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden, config.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.heads * self.head_dim, config.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        repeat = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: DemoConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden, config.intermediate, bias=False)
+        self.up_proj = nn.Linear(config.hidden, config.intermediate, bias=False)
+        self.down_proj = nn.Linear(config.intermediate, config.hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: DemoConfig):
+        super().__init__()
+        self.input_layernorm = TorchRMSNorm(config.hidden, config.eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = TorchRMSNorm(config.hidden, config.eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TorchDecoder(nn.Module):
+    """A Llama-style decoder: embedding, pre-norm blocks (RoPE attention, SwiGLU MLP), final norm, lm head."""
+
+    def __init__(self, config: DemoConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab, config.hidden)
+        self.layers = nn.ModuleList(DecoderBlock(config) for _ in range(config.layers))
+        self.norm = TorchRMSNorm(config.hidden, config.eps)
+        self.lm_head = nn.Linear(config.hidden, config.vocab, bias=False)
+        head_dim = config.hidden // config.heads
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        angles = torch.outer(torch.arange(config.seq_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        length = input_ids.shape[1]
+        cos, sin = self.cos[:length], self.sin[:length]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+
+# -- building the model ------------------------------------------------------------------------------------------
+
+
+def _transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_model(config: DemoConfig, model: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], str]:
+    """(module, input_ids -> logits, description) for ``model`` in {"transformers", "torch"}."""
+    if model == "transformers":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        llama_config = LlamaConfig(
+            vocab_size=config.vocab,
+            hidden_size=config.hidden,
+            intermediate_size=config.intermediate,
+            num_hidden_layers=config.layers,
+            num_attention_heads=config.heads,
+            num_key_value_heads=config.kv_heads,
+            max_position_embeddings=config.seq_len,
+            rms_norm_eps=config.eps,
+            tie_word_embeddings=False,
+        )
+        llama_config._attn_implementation = "sdpa"
+        llama = LlamaForCausalLM(llama_config)
+        return llama, lambda module, ids: module(input_ids=ids, use_cache=False).logits, "transformers LlamaForCausalLM"
+    return TorchDecoder(config), lambda module, ids: module(ids), "a plain PyTorch Llama-style decoder"
+
+
+def use_liger_modules(model: nn.Module) -> int:
+    """Replace every RMSNorm of `model` (transformers' or ours) by `LigerRMSNorm`, keeping its weight; returns how
+    many. Further operators (RoPE, SwiGLU, ...) are swapped here as they land."""
+    from liger_kernel.transformers import LigerRMSNorm
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child).__name__.endswith("RMSNorm") and not isinstance(child, LigerRMSNorm):
+                eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
+                ours = LigerRMSNorm(child.weight.shape[0], eps=eps).to(child.weight.device, child.weight.dtype)
+                with torch.no_grad():
+                    ours.weight.copy_(child.weight)
+                setattr(parent, child_name, ours)
+                replaced += 1
+    return replaced
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+
+def make_corpus(config: DemoConfig, steps: int, seed: int) -> torch.Tensor:
+    """(steps, batch, seq_len + 1) tokens: random sequences of a fixed bank of motifs (4 to 12 tokens each).
+
+    Inside a motif every next token is determined; at a motif's end the next motif is random: a model that learns
+    the motifs gets far below the ln(vocab) of the first step."""
+    generator = torch.Generator().manual_seed(seed)
+    bank = [
+        torch.randint(0, config.vocab, (int(torch.randint(4, 13, (), generator=generator)),), generator=generator)
+        for _ in range(config.motifs)
+    ]
+    rows = []
+    for _ in range(steps * config.batch):
+        pieces, length = [], 0
+        while length < config.seq_len + 1:
+            motif = bank[int(torch.randint(0, config.motifs, (), generator=generator))]
+            pieces.append(motif)
+            length += motif.numel()
+        rows.append(torch.cat(pieces)[: config.seq_len + 1])
+    return torch.stack(rows).view(steps, config.batch, config.seq_len + 1)
+
+
+# -- measuring ---------------------------------------------------------------------------------------------------
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return float("nan")
+    # ru_maxrss is in KiB on Linux, in bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, redrawn in place."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, width: int = 30):
+        self.total, self.label, self.enabled, self.width = total, label, enabled, width
+
+    def update(self, done: int, loss: float) -> None:
+        # Redrawn at every step on a terminal; elsewhere (a log file, a captured stream) only the final state.
+        if not self.enabled or (done < self.total and not sys.stderr.isatty()):
+            return
+        filled = int(self.width * done / self.total)
+        bar = "#" * filled + "." * (self.width - filled)
+        sys.stderr.write(f"\r{self.label:<8} [{bar}] {done}/{self.total} loss {loss:.4f}")
+        if done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def train(
+    name: str,
+    model: nn.Module,
+    forward: Callable,
+    loss_fn: Callable,
+    corpus: torch.Tensor,
+    config: DemoConfig,
+    device: torch.device,
+    progress: bool,
+) -> RunResult:
+    result = RunResult(name)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    bar = ProgressBar(len(corpus), name, progress)
+    _reset_peak_memory(device)
+    start = time.perf_counter()
+    for step, batch in enumerate(corpus, start=1):
+        batch = batch.to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = forward(model, inputs)
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        result.losses.append(loss.item())  # the demo prints it: one sync per step is fine here
+        result.tokens += inputs.numel()
+        bar.update(step, result.losses[-1])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    result.seconds = time.perf_counter() - start
+    result.peak_memory_mib = _peak_memory_mib(device)
+    return result
+
+
+# -- the demo ----------------------------------------------------------------------------------------------------
+
+
+def _pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("demo: device 'cuda' was asked for, but no CUDA GPU is visible")
+    return device
+
+
+def _max_relative_difference(first: list[float], second: list[float]) -> float:
+    worst = 0.0
+    for a, b in zip(first, second):
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return float("inf")
+        worst = max(worst, abs(a - b) / max(abs(a), 1e-12))
+    return worst
+
+
+def _backends_serving(config: DemoConfig, device: torch.device) -> str:
+    """Which backend automatic selection picks for the demo's calls."""
+    import liger_core
+
+    tokens = config.batch * config.seq_len
+    x = torch.empty(config.batch, config.seq_len, config.hidden, device=device)
+    w = torch.empty(config.hidden, device=device)
+    logits = torch.empty(tokens, config.vocab, device=device)
+    target = torch.zeros(tokens, dtype=torch.long, device=device)
+    try:
+        norm = liger_core.select_backend("rms_norm", x, w, eps=config.eps)
+        ce = liger_core.select_backend("cross_entropy", logits, target, None)
+    except Exception as error:  # shown, not fatal: the runs themselves will raise with the full story
+        return f"selection failed: {type(error).__name__}: {error}"
+    return f"rms_norm -> {norm}, cross_entropy -> {ce}"
+
+
+def run(
+    steps: int = 40,
+    device: str | torch.device | None = None,
+    model: str = "auto",
+    seed: int = 0,
+    tolerance: float = 1e-3,
+    config: DemoConfig | None = None,
+    progress: bool = True,
+    out=None,
+) -> int:
+    """Train the plain and the Liger model for `steps` steps; print both curves; return 0 when they agree within
+    `tolerance` (max over steps of the relative loss difference), else 1.
+
+    ``model``: "transformers" (LlamaForCausalLM), "torch" (the plain decoder here) or "auto" (the first when
+    transformers is installed).
+    """
+    out = out if out is not None else sys.stdout
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"demo: 'steps' must be a positive int, got {steps!r}")
+    if model not in ("auto", "transformers", "torch"):
+        raise ValueError(f"demo: 'model' must be one of ['auto', 'transformers', 'torch'], got {model!r}")
+    if model == "auto":
+        model = "transformers" if _transformers_available() else "torch"
+    config = config or DemoConfig()
+    device = _pick_device(device)
+
+    from liger_kernel.transformers import LigerCrossEntropyLoss
+
+    torch.manual_seed(seed)
+    plain_model, forward, description = build_model(config, model)
+    plain_model = plain_model.to(device)
+    liger_model = copy.deepcopy(plain_model)  # identical initial weights
+    replaced = use_liger_modules(liger_model)
+    corpus = make_corpus(config, steps, seed)
+
+    def say(line: str = "") -> None:
+        print(line, file=out)
+
+    say(f"liger-kernel demo: {description}, random init, {sum(p.numel() for p in plain_model.parameters()):,} params")
+    say(
+        f"  hidden {config.hidden}, {config.layers} layers, vocab {config.vocab}, seq {config.seq_len}, "
+        f"batch {config.batch}, {steps} steps, AdamW lr {config.lr}, float32 on {device}"
+    )
+    say("  run 1 'pytorch': plain PyTorch RMSNorm, F.cross_entropy")
+    say(f"  run 2 'liger':   {replaced} x LigerRMSNorm, LigerCrossEntropyLoss ({_backends_serving(config, device)})")
+    say()
+
+    results = [
+        train("pytorch", plain_model, forward, F.cross_entropy, corpus, config, device, progress),
+        train("liger", liger_model, forward, LigerCrossEntropyLoss(), corpus, config, device, progress),
+    ]
+    plain, liger = results
+
+    every = max(1, steps // 10)
+    say(f"{'step':>5}  {'pytorch loss':>12}  {'liger loss':>12}  {'rel diff':>9}")
+    for index, (a, b) in enumerate(zip(plain.losses, liger.losses)):
+        step = index + 1
+        if step == 1 or step % every == 0 or step == steps:
+            diff = abs(a - b) / max(abs(a), 1e-12) if math.isfinite(a) and math.isfinite(b) else float("inf")
+            say(f"{step:>5}  {a:>12.6f}  {b:>12.6f}  {diff:>9.2e}")
+    say()
+    memory = "peak CUDA memory allocated" if device.type == "cuda" else "peak RSS of the process so far"
+    say(f"{'':<38}{'pytorch':>12}  {'liger':>12}")
+    say(f"{'tokens/s':<38}{plain.tokens_per_second:>12,.0f}  {liger.tokens_per_second:>12,.0f}")
+    say(f"{memory + ' (MiB)':<38}{plain.peak_memory_mib:>12,.1f}  {liger.peak_memory_mib:>12,.1f}")
+    say(f"{'final loss':<38}{plain.losses[-1]:>12.6f}  {liger.losses[-1]:>12.6f}")
+    worst = _max_relative_difference(plain.losses, liger.losses)
+    agree = worst <= tolerance
+    verdict = "OK: the curves agree" if agree else "FAILED: the curves disagree"
+    say(f"max relative loss difference over {steps} steps: {worst:.2e} (tolerance {tolerance:.0e}) -- {verdict}")
+    if steps >= 10 and agree and not plain.losses[-1] < plain.losses[0]:
+        say("note: the loss did not fall; try more steps")
+    return 0 if agree else 1
