@@ -11,8 +11,9 @@ python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . ./tests
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$out/gpu.txt"
 liger-kernel info 2>&1 | tee "$out/info.txt"
+python3 benchmarks/dispatch_overhead.py 2>&1 | tee "$out/overhead.txt"
 tests="${GPU_TESTS:-tests}"
 timeout "${GPU_TEST_SECONDS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider $tests ${GPU_TEST_FILTER:+-k "$GPU_TEST_FILTER"} \
     2>&1 | tee "$out/pytest-gpu.log" | tail -25
 timeout "${BENCH_SECONDS:-400}" python3 benchmarks/rms_norm.py --out "$out/rms_norm.json" --peer /tmp/peer \
-    --rounds "${BENCH_ROUNDS:-2}" 2>&1 | tee "$out/rms_norm.md"
+    --rounds "${BENCH_ROUNDS:-2}" ${BENCH_SHAPES:+--shapes "$BENCH_SHAPES"} 2>&1 | tee "$out/rms_norm.md"

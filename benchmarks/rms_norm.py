@@ -86,12 +86,12 @@ def measure_shape(impl: str, rows: int, hidden: int) -> dict:
     }
 
 
-def measure(impl: str) -> dict:
+def measure(impl: str, shapes: list[tuple[int, int]]) -> dict:
     import torch
     import triton
 
     results = []
-    for rows, hidden in SHAPES:
+    for rows, hidden in shapes:
         results.append(measure_shape(impl, rows, hidden))
         torch.cuda.empty_cache()
     import liger_kernel
@@ -106,7 +106,7 @@ def measure(impl: str) -> dict:
     }
 
 
-def run_all(out: str, rounds: int, peer_path: str | None) -> None:
+def run_all(out: str, rounds: int, peer_path: str | None, shapes: str) -> None:
     runs = []
     for round_index in range(rounds):
         for impl in IMPLEMENTATIONS:
@@ -116,7 +116,7 @@ def run_all(out: str, rounds: int, peer_path: str | None) -> None:
                     continue
                 env["PYTHONPATH"] = peer_path + os.pathsep + env.get("PYTHONPATH", "")
             child_out = f"{out}.{impl}.{round_index}.json"
-            command = [sys.executable, __file__, "--impl", impl, "--child", child_out]
+            command = [sys.executable, __file__, "--impl", impl, "--child", child_out, "--shapes", shapes]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{impl} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
@@ -183,12 +183,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/rms_norm.json")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--peer", help="a folder holding the PyPI liger-kernel, put on PYTHONPATH for its process")
+    parser.add_argument(
+        "--shapes", default=",".join(f"{r}x{h}" for r, h in SHAPES), help="rows x hidden, comma-separated"
+    )
     args = parser.parse_args()
     if args.child:
+        shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
         with open(args.child, "w") as handle:
-            json.dump(measure(args.impl), handle)
+            json.dump(measure(args.impl, shapes), handle)
     else:
-        run_all(args.out, args.rounds, args.peer)
+        run_all(args.out, args.rounds, args.peer, args.shapes)
 
 
 if __name__ == "__main__":
