@@ -13,7 +13,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 liger-kernel info 2>&1 | tee "$out/info.txt"
 python3 benchmarks/dispatch_overhead.py 2>&1 | tee "$out/overhead.txt"
 tests="${GPU_TESTS:-tests}"
-timeout "${GPU_TEST_SECONDS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider $tests ${GPU_TEST_FILTER:+-k "$GPU_TEST_FILTER"} \
+timeout "${GPU_TEST_SECONDS:-300}" python3 -m pytest -q -m gpu -p no:cacheprovider --tb=line -rfE $tests ${GPU_TEST_FILTER:+-k "$GPU_TEST_FILTER"} \
     2>&1 | tee "$out/pytest-gpu.log" | tail -25
 timeout "${BENCH_SECONDS:-400}" python3 benchmarks/rms_norm.py --out "$out/rms_norm.json" --peer /tmp/peer \
-    --rounds "${BENCH_ROUNDS:-2}" ${BENCH_SHAPES:+--shapes "$BENCH_SHAPES"} 2>&1 | tee "$out/rms_norm.md"
+    --rounds "${BENCH_ROUNDS:-2}" ${BENCH_SHAPES:+--shapes "$BENCH_SHAPES"} ${BENCH_IMPLS:+--impls "$BENCH_IMPLS"} 2>&1 | tee "$out/rms_norm.md"

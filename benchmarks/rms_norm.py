@@ -21,6 +21,7 @@ import sys
 
 SHAPES = [(1024, 1024), (8192, 4096), (4096, 8192), (2048, 32768), (256, 131072), (64, 262144)]
 IMPLEMENTATIONS = ["ours-auto", "ours-triton", "ours-reference", "eager", "compile", "liger"]
+# A comma-separated subset may be given with --impls.
 
 
 def eager_rms_norm(x, weight, eps=1e-6):
@@ -92,7 +93,10 @@ def measure(impl: str, shapes: list[tuple[int, int]]) -> dict:
 
     results = []
     for rows, hidden in shapes:
-        results.append(measure_shape(impl, rows, hidden))
+        try:
+            results.append(measure_shape(impl, rows, hidden))
+        except Exception as error:  # e.g. a competitor's hidden-size limit: record it, measure the other shapes
+            results.append({"rows": rows, "hidden": hidden, "error": f"{type(error).__name__}: {error}"[:300]})
         torch.cuda.empty_cache()
     import liger_kernel
 
@@ -106,10 +110,10 @@ def measure(impl: str, shapes: list[tuple[int, int]]) -> dict:
     }
 
 
-def run_all(out: str, rounds: int, peer_path: str | None, shapes: str) -> None:
+def run_all(out: str, rounds: int, peer_path: str | None, shapes: str, impls: list[str]) -> None:
     runs = []
     for round_index in range(rounds):
-        for impl in IMPLEMENTATIONS:
+        for impl in impls:
             env = {k: v for k, v in os.environ.items() if not k.startswith("LIGER_KERNEL_")}
             if impl == "liger":
                 if not peer_path:
@@ -129,7 +133,9 @@ def run_all(out: str, rounds: int, peer_path: str | None, shapes: str) -> None:
     for run in runs:
         for row in run["results"]:
             key = (run["impl"], row["rows"], row["hidden"])
-            if key not in best or row["ms"] < best[key]["ms"]:
+            if "error" in row:
+                best.setdefault(key, dict(row, impl=run["impl"]))
+            elif key not in best or "error" in best[key] or row["ms"] < best[key]["ms"]:
                 best[key] = dict(row, impl=run["impl"])
     summary = {
         "date": datetime.date.today().isoformat(),
@@ -163,8 +169,8 @@ def markdown(summary: dict) -> str:
             row = next(
                 (r for r in summary["rows"] if (r["rows"], r["hidden"], r["impl"]) == (rows, hidden, impl)), None
             )
-            if row is None:
-                cells.append("—")
+            if row is None or "error" in row:
+                cells.append("fails" if row else "—")
                 continue
             cells.append(f"{row['ms']:.3f} ({row['peak_extra_mib']:.0f} MiB, {row['gbs']:.0f}/{row['copy_gbs']:.0f})")
             if impl == "ours-auto":
@@ -186,13 +192,14 @@ def main() -> None:
     parser.add_argument(
         "--shapes", default=",".join(f"{r}x{h}" for r, h in SHAPES), help="rows x hidden, comma-separated"
     )
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS), help="competitors, comma-separated")
     args = parser.parse_args()
     if args.child:
         shapes = [tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(",")]
         with open(args.child, "w") as handle:
             json.dump(measure(args.impl, shapes), handle)
     else:
-        run_all(args.out, args.rounds, args.peer, args.shapes)
+        run_all(args.out, args.rounds, args.peer, args.shapes, args.impls.split(","))
 
 
 if __name__ == "__main__":
