@@ -28,6 +28,12 @@ def _inputs(op, seed=0):
     return spec, inputs, attrs
 
 
+def _assert_close_bf16(got, expected):
+    # Inductor may round bf16 intermediates at other points than eager does: allow two bf16 ulps of the largest value.
+    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(got, expected, atol=2 * 2**-7 * scale, rtol=2 * 2**-7)
+
+
 def _forward_backward(fn, spec, inputs):
     outputs = fn(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -49,9 +55,9 @@ def test_compiled_matches_eager_without_recompiling(op, backend):
         got_out, got_grads = _forward_backward(compiled, spec, _inputs(op, seed)[1])
     _, last_inputs, _ = _inputs(op, 1)
     expected_out, expected_grads = _forward_backward(eager, spec, last_inputs)
-    torch.testing.assert_close(got_out, expected_out, atol=2e-2, rtol=2e-2)
+    _assert_close_bf16(got_out, expected_out)
     for got, expected in zip(got_grads, expected_grads):
-        torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
+        _assert_close_bf16(got, expected)
     assert counter.frame_count == 1
 
 
