@@ -35,19 +35,28 @@ def check(inputs: tuple, attrs: dict) -> None:
         if weight.shape != logits.shape[1:]:
             raise ValueError(f"cross_entropy: 'weight' must have shape ({logits.shape[1]},), got {tuple(weight.shape)}")
         require_same_device("cross_entropy", "input", logits, "weight", weight)
+    check_options("cross_entropy", attrs)
+    check_targets("cross_entropy", target, logits.shape[1], attrs["ignore_index"])
+
+
+def check_options(op: str, attrs: dict) -> None:
+    """Range checks of the loss options, shared with fused_linear_cross_entropy."""
     if not 0.0 <= attrs["label_smoothing"] <= 1.0:
-        raise ValueError(f"cross_entropy: 'label_smoothing' must be in [0, 1], got {attrs['label_smoothing']}")
+        raise ValueError(f"{op}: 'label_smoothing' must be in [0, 1], got {attrs['label_smoothing']}")
     if attrs["lse_square_scale"] < 0:
-        raise ValueError(f"cross_entropy: 'lse_square_scale' must be >= 0, got {attrs['lse_square_scale']}")
+        raise ValueError(f"{op}: 'lse_square_scale' must be >= 0, got {attrs['lse_square_scale']}")
     if attrs["softcap"] is not None and attrs["softcap"] <= 0:
-        raise ValueError(f"cross_entropy: 'softcap' must be > 0 or None, got {attrs['softcap']}")
+        raise ValueError(f"{op}: 'softcap' must be > 0 or None, got {attrs['softcap']}")
+
+
+def check_targets(op: str, target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Under LIGER_KERNEL_CHECKS=1 only: every target is a class in [0, vocab) or ignore_index (reads the data)."""
     if env.checks_enabled():  # reads the data: synchronises, so only on request
-        out_of_range = (target != attrs["ignore_index"]) & ((target < 0) | (target >= logits.shape[1]))
+        out_of_range = (target != ignore_index) & ((target < 0) | (target >= vocab))
         if bool(out_of_range.any()):
             bad = target[out_of_range][:5].tolist()
             raise ValueError(
-                f"cross_entropy: 'target' holds classes outside [0, {logits.shape[1]}) that are not "
-                f"ignore_index={attrs['ignore_index']}: {bad}"
+                f"{op}: 'target' holds classes outside [0, {vocab}) that are not ignore_index={ignore_index}: {bad}"
             )
 
 

@@ -1,0 +1,157 @@
+"""fused_linear_cross_entropy in plain PyTorch, chunked over tokens so the (BT, V) logits never exist at once.
+
+See liger_core.operators.fused_linear_cross_entropy for the math; the loss terms are those of the reference
+cross_entropy (its per-row helpers are called on each chunk). Autograd cannot differentiate a loop over chunks
+without keeping every chunk's logits for backward, so this kernel has its own backward:
+
+- "mean" and "sum": the forward computes, chunk by chunk, the loss and the gradient of the loss with respect to the
+  chunk's logits, and accumulates from it the gradients of input (BT, H), weight (V, H) and bias (V,). The backward
+  only multiplies them by the incoming scalar gradient.
+- "none": the incoming gradient differs per row and is unknown in the forward, so the backward recomputes each
+  chunk's logits and does the same accumulation with per-row coefficients.
+
+Precision: the matmuls run in the input dtype (as ``F.linear`` in the model would), the softmax math in float32
+(float64 for float64 inputs). Gradients are accumulated in float32, or in ``accum_dtype`` when that is wider, and
+cast to each input's dtype in the backward after scaling; so ``accum_dtype=torch.float32`` is what the reference
+always does. No host synchronisation: the chunking depends on shapes only and the "mean" denominators stay on the
+device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from liger_core.spec import FLOAT_DTYPES, KernelSpec
+
+from . import cross_entropy as ce
+
+# Rows per chunk are chosen so that one chunk's float32 logits take at most about this many bytes.
+CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_rows(rows: int, vocab: int, itemsize: int = 4, heads: int = 1) -> int:
+    """How many token rows one chunk holds (at least 1), for `heads` sets of (rows, vocab) logits per chunk."""
+    return max(1, min(max(rows, 1), CHUNK_BYTES // max(vocab * itemsize * heads, 1)))
+
+
+def accumulation_dtype(wide: torch.dtype, accum_dtype: torch.dtype | None) -> torch.dtype:
+    return wide if accum_dtype is None else torch.promote_types(wide, accum_dtype)
+
+
+def _chunk(x_chunk, weight, bias, target_chunk, ce_weight, attrs, wide):
+    """The logits of one chunk (softcapped, widened), its loss rows and the token-scaling factors (or None)."""
+    z = ce.softcapped(F.linear(x_chunk, weight, bias), attrs["softcap"], wide)
+    rows = ce.row_terms(z, target_chunk, ce_weight, attrs)
+    # The predicted probability of the target, a constant for the gradient.
+    scale = torch.exp(-rows.nll) if attrs["use_token_scaling"] else None
+    return z, rows, scale
+
+
+def _accumulators(x, weight, want: tuple, acc: torch.dtype) -> tuple:
+    """Zeroed (grad_x, grad_weight, grad_bias) in the accumulation dtype, None for those not wanted."""
+    return (
+        torch.zeros(x.shape, dtype=acc, device=x.device) if want[0] else None,
+        torch.zeros(weight.shape, dtype=acc, device=x.device) if want[1] else None,
+        torch.zeros(weight.shape[0], dtype=acc, device=x.device) if want[2] else None,
+    )
+
+
+def _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, ce_coefficient, z_coefficient, grads, start, acc):
+    """Add one chunk's share to the gradient accumulators ``grads = (grad_x, grad_weight, grad_bias)`` (our own
+    tensors, so they are updated in place); the chunk's rows start at row `start`."""
+    grad_logits = ce.logits_gradient(z, rows, ce_weight, attrs, ce_coefficient, z_coefficient)
+    grad_x, grad_weight, grad_bias = grads
+    if grad_x is not None:
+        grad_x[start : start + x_chunk.shape[0]] = grad_logits.to(weight.dtype) @ weight
+    grad_logits = grad_logits.to(acc)
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.t(), x_chunk.to(acc))
+    if grad_bias is not None:
+        grad_bias.add_(grad_logits.sum(0))
+
+
+def forward(inputs: tuple, attrs: dict, needs_grad: bool):
+    x, weight, target, bias, ce_weight = inputs
+    ce_weight = None if ce_weight is None else ce_weight.detach()  # no gradient to the class weights
+    rows_total, vocab = x.shape[0], weight.shape[0]
+    wide = torch.promote_types(x.dtype, torch.float32)
+    acc = accumulation_dtype(wide, attrs["accum_dtype"])
+    reduction, z_scale = attrs["reduction"], attrs["lse_square_scale"]
+    weight_sum, count = ce.denominators(target, ce_weight, vocab, attrs["ignore_index"], wide)
+
+    # In "mean"/"sum" the forward also computes the gradients for a unit upstream gradient.
+    eager_grads = needs_grad and reduction != "none"
+    want = (
+        eager_grads and x.requires_grad,
+        eager_grads and weight.requires_grad,
+        eager_grads and bias is not None and bias.requires_grad,
+    )
+    grads = _accumulators(x, weight, want, acc)
+    if reduction == "mean":
+        ce_coefficient = ce.safe_divide(torch.ones_like(weight_sum), weight_sum)
+        z_coefficient = ce.safe_divide(torch.ones_like(count), count)
+    else:
+        ce_coefficient = z_coefficient = torch.ones((), dtype=wide, device=x.device)
+
+    step = chunk_rows(rows_total, vocab)
+    ce_rows, z_rows, argmaxes = [], [], []
+    stats = attrs["return_token_accuracy"] or attrs["return_predicted_tokens"]
+    for start in range(0, max(rows_total, 1), step):
+        x_chunk, target_chunk = x[start : start + step], target[start : start + step]
+        z, rows, scale = _chunk(x_chunk, weight, bias, target_chunk, ce_weight, attrs, wide)
+        ce_rows.append(rows.ce if scale is None else rows.ce * scale)
+        z_rows.append(rows.z_loss)
+        if stats:
+            argmaxes.append(z.argmax(dim=-1))
+        if eager_grads and any(want):
+            chunk_coefficient = ce_coefficient if scale is None else ce_coefficient * scale
+            _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, chunk_coefficient, z_coefficient, grads, start, acc)
+
+    loss_out, z_out = ce.reduce_rows(torch.cat(ce_rows), torch.cat(z_rows), weight_sum, count, reduction, z_scale)
+    z_loss = z_out.to(x.dtype) if attrs["return_z_loss"] else None
+    token_accuracy = predicted = None
+    if stats:
+        token_accuracy, predicted = ce.token_stats(
+            torch.cat(argmaxes), target, target != attrs["ignore_index"], count, attrs
+        )
+    outputs = (loss_out.to(x.dtype), z_loss, token_accuracy, predicted)
+
+    if not needs_grad:
+        return outputs, None
+    if reduction != "none":
+        dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return outputs, ("scale", *grads, dtypes)
+    want = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    return outputs, ("recompute", x, weight, target, bias, ce_weight, want, attrs)
+
+
+def backward(saved: tuple, grad_outputs: tuple) -> tuple:
+    grad_loss = grad_outputs[0]
+    if grad_loss is None:
+        return None, None, None
+    if saved[0] == "scale":
+        _, grad_x, grad_weight, grad_bias, dtypes = saved
+        return tuple(
+            None if grad is None else (grad * grad_loss.to(grad.dtype)).to(dtype)
+            for grad, dtype in zip((grad_x, grad_weight, grad_bias), dtypes)
+        )
+    _, x, weight, target, bias, ce_weight, want, attrs = saved
+    rows_total, vocab = x.shape[0], weight.shape[0]
+    wide = torch.promote_types(x.dtype, torch.float32)
+    acc = accumulation_dtype(wide, attrs["accum_dtype"])
+    grads = _accumulators(x, weight, want, acc)
+    step = chunk_rows(rows_total, vocab)
+    for start in range(0, max(rows_total, 1), step):
+        x_chunk, target_chunk = x[start : start + step], target[start : start + step]
+        z, rows, scale = _chunk(x_chunk, weight, bias, target_chunk, ce_weight, attrs, wide)
+        upstream = grad_loss[start : start + step].to(wide)
+        ce_coefficient = upstream if scale is None else upstream * scale
+        _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, ce_coefficient, upstream, grads, start, acc)
+    dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+    return tuple(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, dtypes))
+
+
+KERNEL = KernelSpec(
+    op="fused_linear_cross_entropy", forward=forward, backward=backward, dtypes=FLOAT_DTYPES + (torch.float64,)
+)

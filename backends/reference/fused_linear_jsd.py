@@ -1,0 +1,73 @@
+"""fused_linear_jsd in plain PyTorch, chunked over tokens so neither (BT, V) logits exists at once.
+
+See liger_core.operators.fused_linear_jsd for the math; the divergence is the reference jsd's (its helpers are
+called on each chunk). The loss is always a scalar, so the forward computes, chunk by chunk, the loss and the
+gradient with respect to the student's chunk logits, accumulating the gradients of student_input and
+student_weight; the backward multiplies them by the incoming gradient. Gradients are accumulated in float32 (or
+``accum_dtype`` when wider) and cast to the inputs' dtypes in the backward, as in fused_linear_cross_entropy.
+The teacher gets no gradient and is never tracked by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from liger_core.spec import FLOAT_DTYPES, KernelSpec
+
+from . import jsd
+from .cross_entropy import safe_divide
+from .fused_linear_cross_entropy import accumulation_dtype, chunk_rows
+
+
+def forward(inputs: tuple, attrs: dict, needs_grad: bool):
+    student_input, student_weight, teacher_input, teacher_weight, shift_labels = inputs
+    teacher_input, teacher_weight = teacher_input.detach(), teacher_weight.detach()
+    beta, temperature = attrs["jsd_beta"], attrs["temperature"]
+    rows_total, vocab = student_input.shape[0], student_weight.shape[0]
+    wide = torch.promote_types(student_input.dtype, torch.float32)
+    acc = accumulation_dtype(wide, attrs["accum_dtype"])
+    counted = jsd.labelled(shift_labels, rows_total, attrs["ignore_index"], student_input.device)
+    row_coefficient = safe_divide(counted.to(wide), counted.sum().to(wide))  # d loss / d row loss
+
+    want_x = needs_grad and student_input.requires_grad
+    want_w = needs_grad and student_weight.requires_grad
+    # our own accumulators, updated in place
+    grad_x = torch.zeros(student_input.shape, dtype=acc, device=student_input.device) if want_x else None
+    grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=student_input.device) if want_w else None
+
+    step = chunk_rows(rows_total, vocab, heads=2)  # a student and a teacher block of logits per chunk
+    losses = []
+    for start in range(0, max(rows_total, 1), step):
+        x_chunk = student_input[start : start + step]
+        log_q = torch.log_softmax(F.linear(x_chunk, student_weight).to(wide) / temperature, dim=-1)
+        teacher_logits = F.linear(teacher_input[start : start + step], teacher_weight).to(wide)
+        log_p = torch.log_softmax(teacher_logits / temperature, dim=-1)
+        losses.append(jsd.jsd_rows(log_q, log_p, beta))
+        if want_x or want_w:
+            grad_log_q = jsd.jsd_log_q_gradient(log_q, log_p, beta) * row_coefficient[start : start + step, None]
+            # through log_softmax, then the division by the temperature
+            grad_logits = (grad_log_q - torch.exp(log_q) * grad_log_q.sum(-1, keepdim=True)) / temperature
+            if want_x:
+                grad_x[start : start + x_chunk.shape[0]] = grad_logits.to(student_weight.dtype) @ student_weight
+            if want_w:
+                grad_weight.addmm_(grad_logits.to(acc).t(), x_chunk.to(acc))
+
+    loss = jsd.mean_over_labelled(torch.cat(losses), counted).to(student_input.dtype)
+    if not needs_grad:
+        return (loss,), None
+    return (loss,), (grad_x, grad_weight, student_input.dtype, student_weight.dtype)
+
+
+def backward(saved: tuple, grad_outputs: tuple) -> tuple:
+    grad_x, grad_weight, x_dtype, weight_dtype = saved
+    (grad_loss,) = grad_outputs
+    if grad_loss is None:
+        return None, None
+    return tuple(
+        None if grad is None else (grad * grad_loss.to(grad.dtype)).to(dtype)
+        for grad, dtype in ((grad_x, x_dtype), (grad_weight, weight_dtype))
+    )
+
+
+KERNEL = KernelSpec(op="fused_linear_jsd", forward=forward, backward=backward, dtypes=FLOAT_DTYPES + (torch.float64,))
