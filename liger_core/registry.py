@@ -26,6 +26,20 @@ FIRST_PARTY_DISTRIBUTION = "liger-core"
 CATALOGUE: dict[str, str] = {
     "rms_norm": "liger_core.operators.rms_norm:SPEC",
     "cross_entropy": "liger_core.operators.cross_entropy:SPEC",
+    "fused_linear_cross_entropy": "liger_core.operators.fused_linear_cross_entropy:SPEC",
+    "kl_div": "liger_core.operators.kl_div:SPEC",
+    "jsd": "liger_core.operators.jsd:SPEC",
+    "fused_linear_jsd": "liger_core.operators.fused_linear_jsd:SPEC",
+    "fused_linear_dpo": "liger_core.operators.preference:DPO_SPEC",
+    "fused_linear_orpo": "liger_core.operators.preference:ORPO_SPEC",
+    "fused_linear_cpo": "liger_core.operators.preference:CPO_SPEC",
+    "fused_linear_simpo": "liger_core.operators.preference:SIMPO_SPEC",
+    "layer_norm": "liger_core.operators.layer_norm:SPEC",
+    "rope": "liger_core.operators.rope:SPEC",
+    "swiglu": "liger_core.operators.swiglu:SPEC",
+    "geglu": "liger_core.operators.geglu:SPEC",
+    "embedding": "liger_core.operators.embedding:SPEC",
+    "int2_matmul": "liger_core.operators.int2_matmul:SPEC",
 }
 
 
