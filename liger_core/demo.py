@@ -1,8 +1,9 @@
 """``liger-kernel demo``: train a small Llama-style decoder twice and show that the Liger modules change nothing.
 
 The first run uses plain PyTorch layers; the second the very same model (identical initial weights, identical
-batches) with its RMSNorms replaced by `LigerRMSNorm` and the loss computed by `LigerCrossEntropyLoss`. Both loss
-curves are printed side by side with tokens/s and peak memory; the exit status is non-zero when the curves disagree.
+batches) with its RMSNorms, SwiGLU MLPs and token embedding replaced by ours and the lm head + loss computed by
+`LigerFusedLinearCrossEntropyLoss`, which never materialises the logits. Both loss curves are printed side by side
+with tokens/s and peak memory; the exit status is non-zero when the curves disagree.
 
 The model is transformers' ``LlamaForCausalLM`` with random weights when transformers is installed (nothing is
 downloaded), else a small decoder written here in plain PyTorch. The data is a fixed synthetic corpus of repeating
@@ -139,13 +140,16 @@ class TorchDecoder(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         length = input_ids.shape[1]
         cos, sin = self.cos[:length], self.sin[:length]
         for layer in self.layers:
             x = layer(x, cos, sin)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids))
 
 
 # -- building the model ------------------------------------------------------------------------------------------
@@ -159,8 +163,9 @@ def _transformers_available() -> bool:
     return True
 
 
-def build_model(config: DemoConfig, model: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], str]:
-    """(module, input_ids -> logits, description) for ``model`` in {"transformers", "torch"}."""
+def build_model(config: DemoConfig, model: str) -> tuple[nn.Module, Callable, Callable, str]:
+    """(module, (module, input_ids) -> logits, (module, input_ids) -> final hidden states, description) for
+    ``model`` in {"transformers", "torch"}."""
     if model == "transformers":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -177,26 +182,55 @@ def build_model(config: DemoConfig, model: str) -> tuple[nn.Module, Callable[[to
         )
         llama_config._attn_implementation = "sdpa"
         llama = LlamaForCausalLM(llama_config)
-        return llama, lambda module, ids: module(input_ids=ids, use_cache=False).logits, "transformers LlamaForCausalLM"
-    return TorchDecoder(config), lambda module, ids: module(ids), "a plain PyTorch Llama-style decoder"
+        return (
+            llama,
+            lambda module, ids: module(input_ids=ids, use_cache=False).logits,
+            lambda module, ids: module.model(input_ids=ids, use_cache=False).last_hidden_state,
+            "transformers LlamaForCausalLM",
+        )
+    return (
+        TorchDecoder(config),
+        lambda module, ids: module(ids),
+        lambda module, ids: module.hidden_states(ids),
+        "a plain PyTorch Llama-style decoder",
+    )
 
 
-def use_liger_modules(model: nn.Module) -> int:
-    """Replace every RMSNorm of `model` (transformers' or ours) by `LigerRMSNorm`, keeping its weight; returns how
-    many. Further operators (RoPE, SwiGLU, ...) are swapped here as they land."""
-    from liger_kernel.transformers import LigerRMSNorm
+def use_liger_modules(model: nn.Module) -> dict[str, int]:
+    """Replace, keeping their weights, every RMSNorm of `model` (transformers' or ours) by `LigerRMSNorm`, every
+    SwiGLU MLP (gate_proj, up_proj, down_proj) by `LigerSwiGLUMLP` and the token embedding by `LigerEmbedding`;
+    returns how many of each."""
+    from types import SimpleNamespace
 
-    replaced = 0
+    from liger_kernel.transformers import LigerRMSNorm, LigerSwiGLUMLP
+    from liger_kernel.transformers.experimental import LigerEmbedding
+
+    def swap(parent: nn.Module, name: str, ours: nn.Module, old: nn.Module) -> nn.Module:
+        ours.load_state_dict(old.state_dict())
+        setattr(parent, name, ours.to(next(old.parameters()).device, next(old.parameters()).dtype))
+        return ours
+
+    counts = {"LigerRMSNorm": 0, "LigerSwiGLUMLP": 0, "LigerEmbedding": 0}
     for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
+        for name, child in list(parent.named_children()):
             if type(child).__name__.endswith("RMSNorm") and not isinstance(child, LigerRMSNorm):
                 eps = getattr(child, "variance_epsilon", getattr(child, "eps", 1e-6))
-                ours = LigerRMSNorm(child.weight.shape[0], eps=eps).to(child.weight.device, child.weight.dtype)
-                with torch.no_grad():
-                    ours.weight.copy_(child.weight)
-                setattr(parent, child_name, ours)
-                replaced += 1
-    return replaced
+                swap(parent, name, LigerRMSNorm(child.weight.shape[0], eps=eps), child)
+                counts["LigerRMSNorm"] += 1
+            elif all(hasattr(child, p) for p in ("gate_proj", "up_proj", "down_proj")) and not isinstance(
+                child, LigerSwiGLUMLP
+            ):
+                shape = SimpleNamespace(
+                    hidden_size=child.gate_proj.in_features,
+                    intermediate_size=child.gate_proj.out_features,
+                    hidden_act="silu",
+                )
+                swap(parent, name, LigerSwiGLUMLP(shape), child)
+                counts["LigerSwiGLUMLP"] += 1
+            elif type(child) is nn.Embedding:
+                swap(parent, name, LigerEmbedding(child.num_embeddings, child.embedding_dim, child.padding_idx), child)
+                counts["LigerEmbedding"] += 1
+    return counts
 
 
 # -- data --------------------------------------------------------------------------------------------------------
@@ -265,8 +299,7 @@ class ProgressBar:
 def train(
     name: str,
     model: nn.Module,
-    forward: Callable,
-    loss_fn: Callable,
+    loss_of: Callable,
     corpus: torch.Tensor,
     config: DemoConfig,
     device: torch.device,
@@ -281,8 +314,7 @@ def train(
     for step, batch in enumerate(corpus, start=1):
         batch = batch.to(device)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = forward(model, inputs)
-        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss = loss_of(model, inputs, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -322,16 +354,22 @@ def _backends_serving(config: DemoConfig, device: torch.device) -> str:
     import liger_core
 
     tokens = config.batch * config.seq_len
-    x = torch.empty(config.batch, config.seq_len, config.hidden, device=device)
-    w = torch.empty(config.hidden, device=device)
-    logits = torch.empty(tokens, config.vocab, device=device)
+    x = torch.empty(tokens, config.hidden, device=device)
+    gate = torch.empty(tokens, config.intermediate, device=device)
+    head = torch.empty(config.vocab, config.hidden, device=device)
     target = torch.zeros(tokens, dtype=torch.long, device=device)
     try:
-        norm = liger_core.select_backend("rms_norm", x, w, eps=config.eps)
-        ce = liger_core.select_backend("cross_entropy", logits, target, None)
+        chosen = {
+            "rms_norm": liger_core.select_backend("rms_norm", x, head[0]),
+            "swiglu": liger_core.select_backend("swiglu", gate, gate),
+            "embedding": liger_core.select_backend("embedding", target, head),
+            "fused_linear_cross_entropy": liger_core.select_backend(
+                "fused_linear_cross_entropy", x, head, target, None, None
+            ),
+        }
     except Exception as error:  # shown, not fatal: the runs themselves will raise with the full story
         return f"selection failed: {type(error).__name__}: {error}"
-    return f"rms_norm -> {norm}, cross_entropy -> {ce}"
+    return ", ".join(f"{op} -> {backend}" for op, backend in chosen.items())
 
 
 def run(
@@ -360,14 +398,24 @@ def run(
     config = config or DemoConfig()
     device = _pick_device(device)
 
-    from liger_kernel.transformers import LigerCrossEntropyLoss
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     torch.manual_seed(seed)
-    plain_model, forward, description = build_model(config, model)
+    plain_model, logits_of, hidden_of, description = build_model(config, model)
     plain_model = plain_model.to(device)
     liger_model = copy.deepcopy(plain_model)  # identical initial weights
     replaced = use_liger_modules(liger_model)
     corpus = make_corpus(config, steps, seed)
+    fused_loss = LigerFusedLinearCrossEntropyLoss()
+
+    def plain_loss(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(module, inputs)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def liger_loss(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # The lm head and the loss in one operator: the (tokens, vocab) logits are never materialised.
+        hidden = hidden_of(module, inputs)
+        return fused_loss(module.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
 
     def say(line: str = "") -> None:
         print(line, file=out)
@@ -377,13 +425,15 @@ def run(
         f"  hidden {config.hidden}, {config.layers} layers, vocab {config.vocab}, seq {config.seq_len}, "
         f"batch {config.batch}, {steps} steps, AdamW lr {config.lr}, float32 on {device}"
     )
-    say("  run 1 'pytorch': plain PyTorch RMSNorm, F.cross_entropy")
-    say(f"  run 2 'liger':   {replaced} x LigerRMSNorm, LigerCrossEntropyLoss ({_backends_serving(config, device)})")
+    swapped = ", ".join(f"{count} x {name}" for name, count in replaced.items() if count)
+    say("  run 1 'pytorch': plain PyTorch modules, lm head + F.cross_entropy")
+    say(f"  run 2 'liger':   {swapped}, LigerFusedLinearCrossEntropyLoss")
+    say(f"                   (selected: {_backends_serving(config, device)})")
     say()
 
     results = [
-        train("pytorch", plain_model, forward, F.cross_entropy, corpus, config, device, progress),
-        train("liger", liger_model, forward, LigerCrossEntropyLoss(), corpus, config, device, progress),
+        train("pytorch", plain_model, plain_loss, corpus, config, device, progress),
+        train("liger", liger_model, liger_loss, corpus, config, device, progress),
     ]
     plain, liger = results
 
