@@ -29,6 +29,13 @@ BACKEND = BackendSpec(
     priority=10,
     kernels={
         "rms_norm": "liger_backends.triton.rms_norm:KERNEL",
+        "layer_norm": "liger_backends.triton.layer_norm:KERNEL",
+        "swiglu": "liger_backends.triton.swiglu:KERNEL",
+        "geglu": "liger_backends.triton.geglu:KERNEL",
+        "rope": "liger_backends.triton.rope:KERNEL",
+        "embedding": "liger_backends.triton.embedding:KERNEL",
+        "cross_entropy": "liger_backends.triton.cross_entropy:KERNEL",
+        "fused_linear_cross_entropy": "liger_backends.triton.fused_linear_cross_entropy:KERNEL",
     },
     available=available,
     version=__version__,
