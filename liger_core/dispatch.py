@@ -271,8 +271,13 @@ def _select_while_tracing(op: str, attrs: dict, impl, *inputs) -> str:
 
 
 def _load_while_tracing(op: str) -> bool:
-    # Discovery and the first import of an operator take locks that Dynamo cannot trace: do them outside its trace.
+    """Import every operator spec and every kernel of the available backends, outside Dynamo's trace.
+
+    Imports take locks Dynamo cannot trace. And Dynamo reads the registry's dicts once per trace: a kernel imported
+    later in the same trace (by the selection, which runs outside it) would be missing from the traced view. So the
+    first traced call of any operator loads everything that a compiled graph could need."""
     get_registry().operator(op)
+    get_registry().load_everything()
     return True
 
 

@@ -104,6 +104,7 @@ class Registry:
         self._operators: dict[str, OpSpec] = {}
         self._kernels: dict[tuple[str, str], KernelSpec] = {}
         self._lock = threading.RLock()
+        self._everything_loaded = False
         self._load_backends()
 
     # -- discovery -------------------------------------------------------------------------------------------
@@ -198,6 +199,20 @@ class Registry:
                     raise SpecError(f"operator {name!r} is registered with a spec named {spec.name!r}")
                 self._operators[name] = spec
         return spec
+
+    def load_everything(self) -> None:
+        """Import every operator spec, and every kernel of the backends available here (once; for torch.compile)."""
+        if self._everything_loaded:
+            return
+        for op in self.operator_names():
+            self.operator(op)
+            for name in self.implementations(op):
+                if not self.backends[name].unavailable_reasons():
+                    try:
+                        self.kernel(op, name)
+                    except ImportError:
+                        pass  # recorded in failures; selection reports it
+        self._everything_loaded = True
 
     def implementations(self, op: str) -> list[str]:
         """Names of the backends with a kernel for `op`, best priority first (ties by name)."""
