@@ -2,7 +2,9 @@
 
 The first run uses plain PyTorch layers; the second the very same model (identical initial weights, identical
 batches) with its RMSNorms, SwiGLU MLPs and token embedding replaced by ours and the lm head + loss computed by
-`LigerFusedLinearCrossEntropyLoss`, which never materialises the logits. Both loss curves are printed side by side
+`LigerFusedLinearCrossEntropyLoss`, which never materialises the logits. A transformers model is patched for run 2
+by ``apply_liger_kernel_to_llama(model=...)`` (norms, MLPs, rotary embedding and the causal-LM forward, whose loss
+is the fused linear cross entropy); the plain PyTorch decoder by hand. Both loss curves are printed side by side
 with tokens/s and peak memory; the exit status is non-zero when the curves disagree.
 
 The model is transformers' ``LlamaForCausalLM`` with random weights when transformers is installed (nothing is
@@ -16,7 +18,8 @@ import copy
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -233,6 +236,33 @@ def use_liger_modules(model: nn.Module) -> dict[str, int]:
     return counts
 
 
+@contextmanager
+def patched_llama(model: nn.Module) -> Iterator[None]:
+    """``apply_liger_kernel_to_llama(model=model)`` for the ``with`` block: the instance keeps its Liger modules and
+    forward; the module-level rotary function, the one patch that cannot be per instance, is put back afterwards so
+    that other Llama models of this process (the plain run) stay unpatched."""
+    from transformers.models.llama import modeling_llama
+
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    rotary = modeling_llama.apply_rotary_pos_emb
+    apply_liger_kernel_to_llama(model=model)
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = rotary
+
+
+def count_liger_modules(model: nn.Module) -> dict[str, int]:
+    """How many modules of each Liger class `model` holds."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        name = type(module).__name__
+        if name.startswith("Liger"):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 # -- data --------------------------------------------------------------------------------------------------------
 
 
@@ -349,7 +379,7 @@ def _max_relative_difference(first: list[float], second: list[float]) -> float:
     return worst
 
 
-def _backends_serving(config: DemoConfig, device: torch.device) -> str:
+def _backends_serving(config: DemoConfig, device: torch.device, embedding: bool = True) -> str:
     """Which backend automatic selection picks for the demo's calls."""
     import liger_core
 
@@ -362,7 +392,7 @@ def _backends_serving(config: DemoConfig, device: torch.device) -> str:
         chosen = {
             "rms_norm": liger_core.select_backend("rms_norm", x, head[0]),
             "swiglu": liger_core.select_backend("swiglu", gate, gate),
-            "embedding": liger_core.select_backend("embedding", target, head),
+            **({"embedding": liger_core.select_backend("embedding", target, head)} if embedding else {}),
             "fused_linear_cross_entropy": liger_core.select_backend(
                 "fused_linear_cross_entropy", x, head, target, None, None
             ),
@@ -404,7 +434,8 @@ def run(
     plain_model, logits_of, hidden_of, description = build_model(config, model)
     plain_model = plain_model.to(device)
     liger_model = copy.deepcopy(plain_model)  # identical initial weights
-    replaced = use_liger_modules(liger_model)
+    # transformers' model is patched by apply_liger_kernel_to_llama right before run 2 (see patched_llama)
+    replaced = None if model == "transformers" else use_liger_modules(liger_model)
     corpus = make_corpus(config, steps, seed)
     fused_loss = LigerFusedLinearCrossEntropyLoss()
 
@@ -414,6 +445,8 @@ def run(
 
     def liger_loss(module: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # The lm head and the loss in one operator: the (tokens, vocab) logits are never materialised.
+        if model == "transformers":  # the patched forward does it when training with labels
+            return module(input_ids=inputs, shift_labels=targets, use_cache=False).loss
         hidden = hidden_of(module, inputs)
         return fused_loss(module.lm_head.weight, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
 
@@ -425,17 +458,24 @@ def run(
         f"  hidden {config.hidden}, {config.layers} layers, vocab {config.vocab}, seq {config.seq_len}, "
         f"batch {config.batch}, {steps} steps, AdamW lr {config.lr}, float32 on {device}"
     )
-    swapped = ", ".join(f"{count} x {name}" for name, count in replaced.items() if count)
     say("  run 1 'pytorch': plain PyTorch modules, lm head + F.cross_entropy")
-    say(f"  run 2 'liger':   {swapped}, LigerFusedLinearCrossEntropyLoss")
-    say(f"                   (selected: {_backends_serving(config, device)})")
-    say()
 
-    results = [
-        train("pytorch", plain_model, plain_loss, corpus, config, device, progress),
-        train("liger", liger_model, liger_loss, corpus, config, device, progress),
-    ]
-    plain, liger = results
+    def describe_run_2(how: str) -> None:
+        swapped = ", ".join(f"{count} x {name}" for name, count in replaced.items() if count)
+        say(f"  run 2 'liger':   {how}{swapped}, LigerFusedLinearCrossEntropyLoss")
+        say(f"                   (selected: {_backends_serving(config, device, model != 'transformers')})")
+        say()
+
+    if model == "transformers":
+        plain = train("pytorch", plain_model, plain_loss, corpus, config, device, progress)
+        with patched_llama(liger_model):
+            replaced = count_liger_modules(liger_model)
+            describe_run_2("apply_liger_kernel_to_llama(model=...): liger rotary embedding, ")
+            liger = train("liger", liger_model, liger_loss, corpus, config, device, progress)
+    else:
+        describe_run_2("")
+        plain = train("pytorch", plain_model, plain_loss, corpus, config, device, progress)
+        liger = train("liger", liger_model, liger_loss, corpus, config, device, progress)
 
     every = max(1, steps // 10)
     say(f"{'step':>5}  {'pytorch loss':>12}  {'liger loss':>12}  {'rel diff':>9}")

@@ -19,9 +19,21 @@ from .geglu import LigerGEGLUMLP
 from .jsd import LigerJSD
 from .kl_div import LigerKLDIVLoss
 from .layer_norm import LigerLayerNorm
+from .monkey_patch import (
+    MODEL_TYPE_TO_APPLY_LIGER_FN,
+    _apply_liger_kernel_to_instance,
+    apply_liger_kernel_to_gemma,
+    apply_liger_kernel_to_gemma2,
+    apply_liger_kernel_to_llama,
+    apply_liger_kernel_to_mistral,
+    apply_liger_kernel_to_mixtral,
+    apply_liger_kernel_to_phi3,
+    apply_liger_kernel_to_qwen2,
+    apply_liger_kernel_to_qwen3,
+)
 from .rms_norm import LigerRMSNorm, LigerRMSNormForGemma, LigerRMSNormForGemma2, LigerRMSNormForGemma3
 from .rope import liger_rotary_pos_emb
-from .swiglu import LigerSwiGLUMLP
+from .swiglu import LigerPhi3SwiGLUMLP, LigerSwiGLUMLP
 
 __all__ = [
     "LigerFusedLinearCrossEntropyLoss",
@@ -49,3 +61,27 @@ __all__ = [
     "liger_rotary_pos_emb",
     "liger_swiglu",
 ]
+
+# Hugging Face integration (transformers is imported only when AutoLigerKernelForCausalLM is asked for)
+__all__ += [
+    "AutoLigerKernelForCausalLM",
+    "LigerPhi3SwiGLUMLP",
+    "MODEL_TYPE_TO_APPLY_LIGER_FN",
+    "_apply_liger_kernel_to_instance",
+    "apply_liger_kernel_to_gemma",
+    "apply_liger_kernel_to_gemma2",
+    "apply_liger_kernel_to_llama",
+    "apply_liger_kernel_to_mistral",
+    "apply_liger_kernel_to_mixtral",
+    "apply_liger_kernel_to_phi3",
+    "apply_liger_kernel_to_qwen2",
+    "apply_liger_kernel_to_qwen3",
+]
+
+
+def __getattr__(name):
+    if name == "AutoLigerKernelForCausalLM":
+        from .auto_model import AutoLigerKernelForCausalLM
+
+        return AutoLigerKernelForCausalLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,3 +51,30 @@ class LigerSwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(liger_core.call("swiglu", self.gate_proj(x), self.up_proj(x), impl=self.impl))
+
+
+class LigerPhi3SwiGLUMLP(nn.Module):
+    """Phi-3's MLP with the gate fused: ``down_proj(up * silu(gate))`` where ``gate, up`` are the two halves of one
+    bias-free ``gate_up_proj`` Linear (``hidden -> 2 * intermediate``), as Hugging Face's ``Phi3MLP`` (same
+    parameter names, so its state dict loads unchanged).
+
+    ``config`` needs ``hidden_size``, ``intermediate_size`` and ``hidden_act`` in {"silu", "swish"} (anything else
+    is a ValueError). ``impl=`` (or ``backend=``) requires a backend for the ``swiglu`` operator.
+    """
+
+    def __init__(self, config, impl: str | None = None, backend: str | None = None):
+        super().__init__()
+        name = type(self).__name__
+        self.config = config
+        self.hidden_size = config_size(name, config, "hidden_size")
+        self.intermediate_size = config_size(name, config, "intermediate_size")
+        hidden_act = getattr(config, "hidden_act", None)
+        if hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"{name}: 'config.hidden_act' must be one of {list(_ACTIVATIONS)}, got {hidden_act!r}")
+        self.impl = resolve_impl(name, impl, backend)
+        self.gate_up_proj = nn.Linear(self.hidden_size, 2 * self.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(liger_core.call("swiglu", gate, up, impl=self.impl))
