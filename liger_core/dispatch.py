@@ -264,10 +264,39 @@ def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def _select_while_tracing(op: str, attrs: dict, impl, *inputs) -> str:
-    # Runs once at trace time; Dynamo bakes the returned name into the graph as a constant. The tensors are passed
-    # one by one: Dynamo hands them over as (fake) tensors, but cannot turn a tuple holding tensors into a constant.
-    return _select(get_registry().operator(op), inputs, attrs, impl, tracing=True)
+def _describe_for_tracing(value) -> tuple:
+    """A call input as Python constants for the trace-time selection. Traced by Dynamo, which can hand over only
+    constants: a tensor's dtype, device, number of dimensions, whether its last dimension is contiguous, and for
+    floating-point tensors the size of that last dimension (a hidden or vocabulary size: specialising on it costs
+    no recompilation in practice). Other sizes may be symbolic under torch.compile, so they are not passed."""
+    if isinstance(value, torch.Tensor):
+        last = int(value.shape[-1]) if value.dim() and value.is_floating_point() else -1
+        last_contiguous = bool(value.dim() == 0 or value.stride(-1) == 1)
+        return ("tensor", value.dtype, value.device, value.dim(), last, last_contiguous, value.requires_grad)
+    return ("value", value)
+
+
+def _stand_in(described: tuple):
+    """A data-less (fake) tensor with the described metadata, its unknown sizes taken as 1; or the plain value."""
+    if described[0] == "value":
+        return described[1]
+    _, dtype, device, dims, last, last_contiguous, requires_grad = described
+    sizes = (1,) * max(dims - 1, 0) + ((max(last, 1),) if dims else ())
+    strides = torch.empty(sizes, device="meta").stride()
+    if not last_contiguous:
+        strides = tuple(2 * s for s in strides[:-1]) + (2,)
+    tensor = torch.empty_strided(sizes, strides, dtype=dtype, device=device)
+    return tensor.requires_grad_(requires_grad) if tensor.is_floating_point() else tensor
+
+
+def _select_while_tracing(op: str, attrs: dict, impl, described: tuple) -> str:
+    # Runs once at trace time, outside the trace; Dynamo bakes the returned name into the graph as a constant. It
+    # gets metadata, not tensors: given a tensor, Dynamo would compute its real value, i.e. run the graph so far.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        inputs = tuple(_stand_in(item) for item in described)
+        return _select(get_registry().operator(op), inputs, attrs, impl, tracing=True)
 
 
 def _load_while_tracing(op: str) -> bool:
@@ -307,7 +336,7 @@ def call(op: str, *inputs, impl: str | Sequence[str] | None = None, **attrs):
     spec = get_registry().operator(op)
     inputs, attrs = spec.bind(inputs, attrs)
     if torch.compiler.is_compiling():
-        backend = _select_while_tracing(op, attrs, impl, *inputs)
+        backend = _select_while_tracing(op, attrs, impl, tuple(_describe_for_tracing(v) for v in inputs))
     else:
         backend = _select(spec, inputs, attrs, impl, tracing=False)
     outputs = run_kernel(spec, backend, inputs, attrs)

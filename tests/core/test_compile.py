@@ -69,3 +69,27 @@ def test_selection_inside_compile_follows_forcing_at_trace_time(monkeypatch):
     fn(torch.randn(3, 8))
     fn(torch.randn(3, 8))
     assert calls == [True]  # once, at trace time
+
+
+def test_trace_time_selection_sees_metadata_not_data_and_follows_dynamic_shapes(monkeypatch):
+    """Dynamo computes the real value of any tensor handed to a constant function, which would run the graph so far
+    at trace time: the selection must get metadata only. Sizes that become symbolic must not break it either."""
+    torch._dynamo.reset()
+    import liger_core.dispatch as dispatch
+
+    seen = []
+    original = dispatch._select
+
+    def spy(spec, inputs, attrs, impl, tracing):
+        seen.append((tracing, type(inputs[0]).__name__))
+        return original(spec, inputs, attrs, impl, tracing)
+
+    monkeypatch.setattr(dispatch, "_select", spy)
+    w = torch.randn(8)
+    fn, counter = compile_counted(lambda x: liger_core.call("rms_norm", torch.sin(x) * 2, w))
+    for rows in (3, 5, 7):  # the second shape makes the rows dimension dynamic; the third reuses that graph
+        x = torch.randn(rows, 8)
+        torch.testing.assert_close(fn(x), liger_core.call("rms_norm", torch.sin(x) * 2, w))
+    traced = [kind for tracing, kind in seen if tracing]
+    assert traced == ["FakeTensor", "FakeTensor"]
+    assert counter.frame_count == 2
