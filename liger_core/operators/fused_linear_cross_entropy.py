@@ -2,7 +2,8 @@
 
 The loss, its options and its outputs are those of ``cross_entropy`` (see that module) on the logits
 ``F.linear(input, weight, bias)``; ``ce_weight`` is its class weight. Extra options: ``accum_dtype`` (the dtype the
-weight gradient is accumulated in; kernels accumulate in at least float32 regardless) and ``use_token_scaling``
+weight gradient is accumulated in across token chunks; None lets the kernel choose: the reference uses float32, the
+triton kernel the weight's dtype, which saves a float32 copy of the weight gradient) and ``use_token_scaling``
 (each row's CE term, not its z-loss, is multiplied by the detached predicted probability of its target, the
 probability after the softcap). Kernels never materialise the whole (BT, V) logits.
 """
