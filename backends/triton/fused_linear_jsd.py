@@ -1,0 +1,313 @@
+"""fused_linear_jsd in Triton: ``jsd`` between ``log_softmax(x_s·W_sᵀ / T)`` (student) and
+``log_softmax(x_t·W_tᵀ / T)`` (teacher) without materialising either (BT, V) logits; see
+liger_core.operators.fused_linear_jsd for the math.
+
+The loss is a scalar, so everything happens in the forward, over chunks of token rows (``chunk_rows``: as many rows
+as fit a memory budget for the chunk's two (rows, V) logits blocks):
+
+1. both chunks' logits with ``torch.matmul`` in the inputs' dtype (cuBLAS on the GPU; the teacher is detached);
+2. one Triton program per block of rows makes three passes over V: the two rows' log-sum-exps of ``logits / T``
+   (online max and sum), then the loss terms and ``Σ_v d loss / d log_q``, then it overwrites the student logits
+   with ``d loss / d logits = coef · (g − q·Σg) / T`` (``g = d loss / d log_q``, ``coef`` = 1/number of counted rows,
+   read on the device; 0 on rows whose label is ``ignore_index``);
+3. ``grad_x[chunk] = dlogits @ W_s`` and ``grad_W_s += dlogits.T @ x_chunk`` into an accumulator of at least fp32
+   (``accum_dtype`` when wider, as in the reference). On the GPU with bf16/fp16 inputs and an fp32 accumulator the
+   GEMM reads bf16/fp16 operands and adds in fp32 (``torch.addmm(..., out_dtype=torch.float32)``, torch >= 2.10;
+   an older torch rounds each chunk's product to the inputs' dtype before the fp32 sum); on the CPU the operands
+   are widened to the accumulator's dtype, as in the reference.
+
+The backward multiplies both gradients by the incoming scalar (``_scaling``: fp32 product, one rounding). Eagerly the
+forward is a plain call; under torch.compile it is one opaque ``torch.library.custom_op`` (the chunk loop, cuBLAS
+GEMMs and Triton launches run eagerly inside it), so Dynamo traces it without a graph break. No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.torch_version import TorchVersion
+
+from liger_core.spec import KernelSpec
+
+from ._scaling import scale_by_gradient
+from .jsd import INDEX_DTYPES, beta_logs, counted_rows, jsd_terms, mode_of
+from .rms_norm import DTYPES, _launch, cast_to
+
+# Bytes one chunk's student and teacher logits may take together (at the inputs' dtype). Untuned: the GEMMs want
+# chunks of a few hundred rows or more; to be swept on an H200 against the memory target.
+CHUNK_BYTES = 512 * 2**20
+# Rows per program and warps of the row kernel, and its column block. Untuned.
+BLOCK_ROWS = 1
+BLOCK_COLS = 4096
+NUM_WARPS = 16
+# Smallest "minus infinity" of the online maximum, finite so that masked rows never compute inf − inf.
+LOWEST = tl.constexpr(-3.0e38)
+
+
+# -- kernel --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def fused_linear_jsd_rows_kernel(
+    STUDENT, TEACHER, LABELS, COEF, ROW_LOSS,
+    n_rows, n_cols, s_row_stride, t_row_stride,
+    temperature, beta, log_beta, log_1m_beta, ignore_index,
+    MODE: tl.constexpr, HAS_LABELS: tl.constexpr, WANT_GRAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):  # fmt: skip
+    """Rows of one chunk: the loss of each row into ROW_LOSS and, with WANT_GRAD, d loss / d student logits written
+    over STUDENT (each element is read before it is written, by the same program)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    counted = counted_rows(LABELS, rows, n_rows, ignore_index, HAS_LABELS)
+    student = STUDENT + rows[:, None] * s_row_stride
+    teacher = TEACHER + rows[:, None] * t_row_stride
+
+    # pass 1: log-sum-exp of both rows of logits / T
+    max_s = tl.full([BLOCK_ROWS], LOWEST, dtype=tl.float32)
+    max_t = tl.full([BLOCK_ROWS], LOWEST, dtype=tl.float32)
+    sum_s = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    sum_t = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_COLS):
+        cols = start + tl.arange(0, BLOCK_COLS)
+        mask = counted[:, None] & (cols < n_cols)[None, :]
+        s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        new_max_s = tl.maximum(max_s, tl.max(s, axis=1))
+        new_max_t = tl.maximum(max_t, tl.max(t, axis=1))
+        sum_s = sum_s * tl.exp(max_s - new_max_s) + tl.sum(tl.exp(s - new_max_s[:, None]), axis=1)
+        sum_t = sum_t * tl.exp(max_t - new_max_t) + tl.sum(tl.exp(t - new_max_t[:, None]), axis=1)
+        max_s = new_max_s
+        max_t = new_max_t
+    # rows that do not count were never read (their sums are 0): their log-sum-exps are set to 0
+    lse_s = tl.where(counted, max_s + tl.log(tl.where(counted, sum_s, 1.0)), 0.0)
+    lse_t = tl.where(counted, max_t + tl.log(tl.where(counted, sum_t, 1.0)), 0.0)
+
+    # pass 2: the loss terms and Σ_v d loss / d log_q
+    loss_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    grad_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_COLS):
+        cols = start + tl.arange(0, BLOCK_COLS)
+        mask = counted[:, None] & (cols < n_cols)[None, :]
+        log_q = tl.load(student + cols[None, :], mask=mask, other=0.0).to(tl.float32) / temperature - lse_s[:, None]
+        log_p = tl.load(teacher + cols[None, :], mask=mask, other=0.0).to(tl.float32) / temperature - lse_t[:, None]
+        loss, grad = jsd_terms(log_q, log_p, beta, log_beta, log_1m_beta, MODE)
+        loss_acc += tl.where(mask, loss, 0.0)
+        grad_acc += tl.where(mask, grad, 0.0)
+    tl.store(ROW_LOSS + rows, tl.where(counted, tl.sum(loss_acc, axis=1), 0.0), mask=rows < n_rows)
+
+    # pass 3: through log_softmax and the temperature, d loss / d logits = coef · (g − q·Σg) / T
+    if WANT_GRAD:
+        coef = tl.load(COEF) / temperature
+        grad_sum = tl.sum(grad_acc, axis=1)[:, None]
+        store_mask_rows = (rows < n_rows)[:, None]
+        for start in range(0, n_cols, BLOCK_COLS):
+            cols = start + tl.arange(0, BLOCK_COLS)
+            col_mask = (cols < n_cols)[None, :]
+            mask = counted[:, None] & col_mask
+            log_q = tl.load(student + cols[None, :], mask=mask, other=0.0).to(tl.float32) / temperature
+            log_q = log_q - lse_s[:, None]
+            log_p = tl.load(teacher + cols[None, :], mask=mask, other=0.0).to(tl.float32) / temperature
+            log_p = log_p - lse_t[:, None]
+            _, grad = jsd_terms(log_q, log_p, beta, log_beta, log_1m_beta, MODE)
+            dlogits = tl.where(mask, coef * (grad - tl.exp(log_q) * grad_sum), 0.0)
+            tl.store(
+                student + cols[None, :], cast_to(dlogits, STUDENT.dtype.element_ty), mask=store_mask_rows & col_mask
+            )
+
+
+# -- launchers -----------------------------------------------------------------------------------------------------
+
+
+def chunk_rows(n_rows: int, vocab: int, student_itemsize: int, teacher_itemsize: int) -> int:
+    """Token rows per chunk: its two (rows, V) logits blocks within CHUNK_BYTES, a multiple of 64 rows (whole
+    tensor-core tiles for the GEMMs) when at least that many fit; at least 1."""
+    rows = CHUNK_BYTES // max(vocab * (student_itemsize + teacher_itemsize), 1)
+    if rows >= 64:
+        rows -= rows % 64
+    return max(1, min(rows, max(n_rows, 1)))
+
+
+# Whether this torch's CUDA addmm adds a bf16/fp16 product into an fp32 tensor (out_dtype with an fp32 `self`: torch
+# >= 2.10). Set to False for the process if it turns out not to; no probe, so nothing synchronises or breaks a capture.
+_ADDMM_OUT_DTYPE = {"works": TorchVersion(torch.__version__) >= (2, 10)}
+
+
+def accumulate_weight_gradient(grad_weight: torch.Tensor, dlogits: torch.Tensor, x_chunk: torch.Tensor) -> None:
+    """``grad_weight += dlogits.T @ x_chunk`` with grad_weight (V, H) in its own (accumulation) dtype."""
+    acc = grad_weight.dtype
+    if dlogits.dtype == acc and x_chunk.dtype == acc:
+        grad_weight.addmm_(dlogits.t(), x_chunk)
+        return
+    if not (dlogits.is_cuda and acc == torch.float32 and dlogits.dtype == x_chunk.dtype):
+        grad_weight.addmm_(dlogits.t().to(acc), x_chunk.to(acc))
+        return
+    if _ADDMM_OUT_DTYPE["works"]:
+        try:
+            torch.addmm(grad_weight, dlogits.t(), x_chunk, out_dtype=torch.float32, out=grad_weight)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # rejected by its argument checks, before any work
+            _ADDMM_OUT_DTYPE["works"] = False
+    # The GEMM at the inputs' rate, its (V, H) result rounded once to their dtype before the fp32 sum.
+    grad_weight.add_(dlogits.t() @ x_chunk)
+
+
+def fused_linear_jsd_forward(
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_input: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    shift_labels: torch.Tensor | None,
+    beta: float,
+    ignore_index: int,
+    temperature: float,
+    accum_dtype: torch.dtype,
+    want_x: bool,
+    want_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns the loss (0-D, student_input's dtype), grad_x (BT, Hs) in student_input's dtype and grad_W (V, Hs) in
+    `accum_dtype`, both for a unit upstream gradient ((0,)-shaped when not wanted)."""
+    n_rows, vocab = student_input.shape[0], student_weight.shape[0]
+    device = student_input.device
+    if shift_labels is None:
+        count = torch.full((), n_rows, dtype=torch.float32, device=device)
+    else:
+        count = (shift_labels != ignore_index).sum().to(torch.float32)
+    coef = torch.where(count > 0, 1.0 / torch.clamp(count, min=1.0), torch.zeros_like(count))
+    grad_x = torch.empty(student_input.shape if want_x else (0,), dtype=student_input.dtype, device=device)
+    grad_w = torch.zeros(student_weight.shape if want_w else (0,), dtype=accum_dtype, device=device)
+    row_loss = torch.empty((n_rows,), dtype=torch.float32, device=device)
+    if n_rows == 0:
+        return torch.zeros((), dtype=student_input.dtype, device=device), grad_x, grad_w
+    log_beta, log_1m_beta = beta_logs(beta)
+    labels = shift_labels if shift_labels is not None else row_loss  # never read without labels
+    step = chunk_rows(n_rows, vocab, student_input.element_size(), teacher_input.element_size())
+    for start in range(0, n_rows, step):
+        end = min(start + step, n_rows)
+        x_chunk = student_input[start:end]
+        student_logits = torch.matmul(x_chunk, student_weight.t())
+        teacher_logits = torch.matmul(teacher_input[start:end], teacher_weight.t())
+        _launch(fused_linear_jsd_rows_kernel)[(triton.cdiv(end - start, BLOCK_ROWS),)](
+            student_logits, teacher_logits, labels[start:end] if shift_labels is not None else labels, coef,
+            row_loss[start:end],
+            end - start, vocab, student_logits.stride(0), teacher_logits.stride(0),
+            temperature, beta, log_beta, log_1m_beta, ignore_index,
+            MODE=mode_of(beta), HAS_LABELS=shift_labels is not None, WANT_GRAD=want_x or want_w,
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=min(BLOCK_COLS, triton.next_power_of_2(vocab)),
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
+        del teacher_logits
+        dlogits = student_logits  # overwritten by the kernel
+        if want_x:
+            torch.matmul(dlogits, student_weight, out=grad_x[start:end])
+        if want_w:
+            accumulate_weight_gradient(grad_w, dlogits, x_chunk)
+    loss = (row_loss.sum() * coef).to(student_input.dtype)
+    return loss, grad_x, grad_w
+
+
+@torch.library.custom_op("liger_triton::fused_linear_jsd_forward", mutates_args=())
+def fused_linear_jsd_forward_op(
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_input: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    shift_labels: torch.Tensor | None,
+    beta: float,
+    ignore_index: int,
+    temperature: float,
+    accum_dtype: torch.dtype,
+    want_x: bool,
+    want_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return fused_linear_jsd_forward(
+        student_input, student_weight, teacher_input, teacher_weight, shift_labels,
+        beta, ignore_index, temperature, accum_dtype, want_x, want_w,
+    )  # fmt: skip
+
+
+@fused_linear_jsd_forward_op.register_fake
+def _(student_input, student_weight, teacher_input, teacher_weight, shift_labels, beta, ignore_index, temperature,
+      accum_dtype, want_x, want_w):  # fmt: skip
+    return (
+        student_input.new_empty((), dtype=student_input.dtype),
+        student_input.new_empty(student_input.shape if want_x else (0,)),
+        student_input.new_empty(student_weight.shape if want_w else (0,), dtype=accum_dtype),
+    )
+
+
+# -- the kernel contract -------------------------------------------------------------------------------------------
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t with unit column stride (the GEMMs take any layout, the chunk slicing wants rows)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def forward(inputs: tuple, attrs: dict, needs_grad: bool):
+    student_input, student_weight, teacher_input, teacher_weight, shift_labels = inputs
+    wide = torch.promote_types(student_input.dtype, torch.float32)
+    accum_dtype = wide if attrs["accum_dtype"] is None else torch.promote_types(wide, attrs["accum_dtype"])
+    want_x = needs_grad and student_input.requires_grad
+    want_w = needs_grad and student_weight.requires_grad
+    launcher = fused_linear_jsd_forward_op if torch.compiler.is_compiling() else fused_linear_jsd_forward
+    loss, grad_x, grad_w = launcher(
+        _rows(student_input.detach()),
+        student_weight.detach(),
+        _rows(teacher_input.detach()),  # no gradient to the teacher
+        teacher_weight.detach(),
+        None if shift_labels is None else shift_labels.contiguous(),
+        attrs["jsd_beta"],
+        attrs["ignore_index"],
+        attrs["temperature"],
+        accum_dtype,
+        want_x,
+        want_w,
+    )
+    if not needs_grad:
+        return (loss,), None
+    return (loss,), (
+        grad_x if want_x else None,
+        grad_w if want_w else None,
+        student_input.dtype,
+        student_weight.dtype,
+    )
+
+
+def backward(saved: tuple, grad_outputs: tuple):
+    grad_x, grad_w, x_dtype, w_dtype = saved
+    (grad_loss,) = grad_outputs
+    if grad_loss is None:
+        return None, None
+    return (
+        None if grad_x is None else scale_by_gradient(grad_x, grad_loss, x_dtype),
+        None if grad_w is None else scale_by_gradient(grad_w, grad_loss, w_dtype),
+    )
+
+
+def supports(inputs: tuple, attrs: dict) -> list[str]:
+    student_input, student_weight, teacher_input, teacher_weight, shift_labels = inputs
+    reasons = []
+    for name, t in (
+        ("student_input", student_input),
+        ("student_weight", student_weight),
+        ("teacher_input", teacher_input),
+        ("teacher_weight", teacher_weight),
+    ):
+        if t.dtype not in DTYPES:
+            reasons.append(f"{name} is {t.dtype}; the Triton fused_linear_jsd takes {[str(d) for d in DTYPES]}")
+    if shift_labels is not None and shift_labels.dtype not in INDEX_DTYPES:
+        reasons.append(f"shift_labels is {shift_labels.dtype}; the Triton fused_linear_jsd takes int64 or int32")
+    return reasons
+
+
+KERNEL = KernelSpec(
+    op="fused_linear_jsd",
+    forward=forward,
+    backward=backward,
+    supports=supports,
+    devices=("cuda",),
+    dtypes=DTYPES,
+)
