@@ -22,6 +22,18 @@ class CrossEntropyOutput:
     predicted_tokens: torch.Tensor | None = None
 
 
+def check_class_weight(owner: str, argument: str, weight) -> None:
+    """A class-weight argument is None or a 1-D floating-point tensor (its length is checked at the call)."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{owner}: {argument!r} must be a 1-D tensor of class weights or None, got {type(weight)}")
+    if weight.dim() != 1:
+        raise ValueError(f"{owner}: {argument!r} must be 1-D (one weight per class), got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{owner}: {argument!r} must be a floating-point tensor, got {weight.dtype}")
+
+
 def check_options(owner: str, **options) -> dict:
     """Type, choice and range checks of the cross-entropy options, so that a bad one fails before any data."""
     checked = {name: check_attr("cross_entropy", owner, name, value) for name, value in options.items()}
@@ -71,13 +83,7 @@ class LigerCrossEntropyLoss(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        if weight is not None:
-            if not isinstance(weight, torch.Tensor):
-                raise TypeError(f"{name}: 'weight' must be a 1-D tensor of class weights or None, got {type(weight)}")
-            if weight.dim() != 1:
-                raise ValueError(f"{name}: 'weight' must be 1-D (one weight per class), got {tuple(weight.shape)}")
-            if not weight.is_floating_point():
-                raise TypeError(f"{name}: 'weight' must be a floating-point tensor, got {weight.dtype}")
+        check_class_weight(name, "weight", weight)
         self.register_buffer("weight", weight)
         options = check_options(
             name,

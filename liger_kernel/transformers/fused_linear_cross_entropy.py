@@ -10,7 +10,7 @@ import liger_core
 from liger_core.operators.fused_linear_cross_entropy import check_accum_dtype
 
 from ._common import check_attr, resolve_impl
-from .cross_entropy import CrossEntropyOutput, check_options
+from .cross_entropy import CrossEntropyOutput, check_class_weight, check_options
 
 OP = "fused_linear_cross_entropy"
 
@@ -62,17 +62,7 @@ class LigerFusedLinearCrossEntropyLoss(nn.Module):
     ):
         super().__init__()
         name = type(self).__name__
-        if ce_weight is not None:
-            if not isinstance(ce_weight, torch.Tensor):
-                raise TypeError(
-                    f"{name}: 'ce_weight' must be a 1-D tensor of class weights or None, got {type(ce_weight)}"
-                )
-            if ce_weight.dim() != 1:
-                raise ValueError(
-                    f"{name}: 'ce_weight' must be 1-D (one weight per class), got {tuple(ce_weight.shape)}"
-                )
-            if not ce_weight.is_floating_point():
-                raise TypeError(f"{name}: 'ce_weight' must be a floating-point tensor, got {ce_weight.dtype}")
+        check_class_weight(name, "ce_weight", ce_weight)
         self.register_buffer("ce_weight", ce_weight, persistent=False)
         options = check_fused_options(
             name,
