@@ -39,6 +39,7 @@ BACKEND = BackendSpec(
         "fused_linear_jsd": "liger_backends.triton.fused_linear_jsd:KERNEL",
         "cross_entropy": "liger_backends.triton.cross_entropy:KERNEL",
         "fused_linear_cross_entropy": "liger_backends.triton.fused_linear_cross_entropy:KERNEL",
+        "int2_matmul": "liger_backends.triton.int2_matmul:KERNEL",
     },
     available=available,
     version=__version__,

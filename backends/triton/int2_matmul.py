@@ -1,0 +1,209 @@
+"""int2_matmul in Triton: ``c = a @ w`` for int8 ``a`` (M, K) and ternary weights ``w`` (K, N) read from the packed
+uint8 ``b`` (K/4, N), exact int32 output (M, N). Nothing is differentiable, so there is no backward.
+
+The layout (see liger_core.operators.int2_matmul): code ``i`` (bits ``2i..2i+1``) of packed row ``j`` is weight row
+``i·K/4 + j``, stored as ``w + 1``. So one packed tile of rows ``j .. j+BLOCK_K`` holds four int8 weight tiles, one per
+code plane, and plane ``i`` multiplies the columns ``i·K/4 + j ..`` of ``a``. The K loop walks blocks of packed rows:
+each packed tile is loaded once, unpacked in registers (shift, mask, minus one) and fed to four ``tl.dot``s of int8
+operands accumulating in int32 (the int8 tensor-core rate on Hopper). The weights cross memory at 2 bits each.
+
+Exactness: every product is an integer with |a·w| <= 128 and the accumulator is int32, so the result is exact up to
+K = 2^24 (where the reference, like ``a.int() @ w.int()``, would wrap too).
+
+Tiling, chosen on the host from M alone (`tile`):
+
+- decode (M <= 16): BLOCK_M = 16 (the smallest tensor-core tile), wide BLOCK_N and long BLOCK_K, since reading the
+  packed weights is the whole cost. When the output tiles are too few to occupy every SM, K is split among
+  programs (`split_k`) that add their int32 partials with atomics into a zeroed output: integer addition is
+  associative, so the result is the same whatever the order (deterministic, unlike a float split-K).
+- medium (M <= 64): 64 x 128 tiles.
+- large: 128 x 128 output tiles, 64 packed rows (256 weight rows) per step, programs grouped along M so that a
+  group's weight tiles stay in L2.
+
+Every edge is masked (M, N, and K/4 not multiples of the blocks); when K/4 is a multiple of BLOCK_K the K mask is
+compiled out. Any strides are accepted (the pointers carry them), so nothing is copied.
+
+Under torch.compile the launcher runs as a ``torch.library.triton_op``; eagerly it is a plain call (see rms_norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from liger_core.operators.int2_matmul import CODES_PER_BYTE
+from liger_core.spec import KernelSpec
+
+from .rms_norm import sm_count
+
+GROUP_M = 8  # output-tile rows per L2 group in the large-M tiling
+MIN_K_BLOCKS_PER_SPLIT = 2  # a split-K program walks at least this many BLOCK_K steps
+SPLIT_K_PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
+MAX_K = 1 << 24  # past it an int32 sum of K products of magnitude <= 128 could overflow
+
+
+# -- the kernel ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def int2_matmul_kernel(
+    A, B, C,
+    M, N, K4, k_span,
+    stride_am, stride_ak, stride_plane, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+):  # fmt: skip
+    """Program (t, s) computes output tile t over packed rows ``s·k_span .. (s+1)·k_span`` (all of K/4 when
+    SPLIT_K == 1). k_span is a multiple of BLOCK_K; EVEN_K: K/4 is one too, so no packed row is ever out of range.
+    stride_plane = K/4 · stride_ak: from one code plane's slice of `a` to the next."""
+    # Output tiles in groups of GROUP tile rows, column-major within a group: neighbouring programs share weights.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP * tiles_n
+    first_m = (pid // per_group) * GROUP
+    group_rows = tl.minimum(tiles_m - first_m, GROUP)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    row_mask = rows < M
+    col_mask = cols < N
+    # Packed rows of this program; column j of `a` plane i is i·K4 + j.
+    k_start = tl.program_id(1) * k_span
+    k_stop = tl.minimum(k_start + k_span, K4)
+    a_ptrs = A + rows.to(tl.int64)[:, None] * stride_am + (k_start + ks).to(tl.int64)[None, :] * stride_ak
+    b_ptrs = B + (k_start + ks).to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in range(k_start, k_stop, BLOCK_K):
+        if EVEN_K:
+            a_mask = row_mask[:, None]
+            packed = tl.load(b_ptrs, mask=col_mask[None, :], other=0)
+        else:
+            k_mask = (k + ks) < k_stop
+            a_mask = row_mask[:, None] & k_mask[None, :]
+            packed = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
+        for i in tl.static_range(4):
+            # Rows past K/4 hold code 0 (weight -1) here, but their `a` columns load as 0.
+            w = ((packed >> (2 * i)) & 3).to(tl.int8) - 1
+            a = tl.load(a_ptrs + i * stride_plane, mask=a_mask, other=0)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c_ptrs = C + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
+    c_mask = row_mask[:, None] & col_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, acc, mask=c_mask)
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")
+
+
+# -- launch heuristics ---------------------------------------------------------------------------------------------
+
+
+def tile(m: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K in packed rows, num_warps, num_stages) for M rows of `a`. Not yet tuned on a GPU:
+    starting points from the tensor-core shapes (int8 wgmma is 64 x N x 32) and the shared memory of an H200."""
+    if m <= 16:
+        return 16, 128, 128, 4, 4
+    if m <= 64:
+        return 64, 128, 64, 4, 4
+    return 128, 128, 64, 8, 3
+
+
+def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
+    """K splits so that `tiles` output tiles make about `programs` programs, each walking at least
+    MIN_K_BLOCKS_PER_SPLIT blocks of packed rows; 1 when the tiles alone are enough."""
+    k_blocks = triton.cdiv(k4, block_k)
+    if tiles >= programs or k_blocks < 2 * MIN_K_BLOCKS_PER_SPLIT:
+        return 1
+    return max(1, min(triton.cdiv(programs, tiles), k_blocks // MIN_K_BLOCKS_PER_SPLIT))
+
+
+# -- launchers ---------------------------------------------------------------------------------------------------
+
+
+def _launch(kernel):
+    return torch.library.wrap_triton(kernel) if torch.compiler.is_compiling() else kernel
+
+
+def int2_matmul_tiled(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    splits: int = 1,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
+    """``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most `splits` K splits."""
+    m, k = a.shape
+    n = b.shape[1]
+    k4 = k // CODES_PER_BYTE
+    k_blocks = triton.cdiv(k4, block_k)
+    splits = max(1, min(splits, k_blocks))
+    k_span = max(1, triton.cdiv(k_blocks, splits)) * block_k  # packed rows per split, a multiple of BLOCK_K
+    splits = max(1, triton.cdiv(k4, k_span))  # no split left without rows
+    if splits > 1:
+        c = torch.zeros((m, n), dtype=torch.int32, device=a.device)
+    else:
+        c = torch.empty((m, n), dtype=torch.int32, device=a.device)
+    if m == 0 or n == 0:
+        return c
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), splits)
+    _launch(int2_matmul_kernel)[grid](
+        a, b, c,
+        m, n, k4, k_span,
+        a.stride(0), a.stride(1), k4 * a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M,
+        SPLIT_K=splits, EVEN_K=k4 % block_k == 0,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return c
+
+
+def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` int8 (M, K) times the ternary weights packed in ``b`` uint8 (K/4, N): int32 (M, N), tiled by `tile`."""
+    m, k = a.shape
+    n = b.shape[1]
+    block_m, block_n, block_k, num_warps, num_stages = tile(m)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    programs = SPLIT_K_PROGRAMS_PER_SM * sm_count(a.device)
+    splits = split_k(tiles, k // CODES_PER_BYTE, block_k, programs)
+    return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages)
+
+
+int2_matmul_op = torch.library.triton_op("liger_triton::int2_matmul", mutates_args=())(int2_matmul)
+
+
+# -- the kernel contract -------------------------------------------------------------------------------------------
+
+
+def forward(inputs: tuple, attrs: dict, needs_grad: bool):
+    a, b = inputs
+    launcher = int2_matmul_op if torch.compiler.is_compiling() else int2_matmul
+    return (launcher(a, b),), None
+
+
+def supports(inputs: tuple, attrs: dict) -> list[str]:
+    a, b = inputs
+    reasons = []
+    if a.dim() == 2 and a.shape[1] > MAX_K:
+        reasons.append(f"K = {a.shape[1]} is over the Triton int2_matmul's limit of {MAX_K} (int32 accumulation)")
+    return reasons
+
+
+KERNEL = KernelSpec(
+    op="int2_matmul",
+    forward=forward,
+    backward=None,
+    supports=supports,
+    devices=("cuda",),
+    dtypes=(torch.int8,),
+)
