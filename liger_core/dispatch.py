@@ -169,7 +169,8 @@ def _kernel_reasons(
     reasons = []
     if device.type not in kernel.devices and device.type not in forced_only:
         reasons.append(f"its {spec.name} kernel does not serve {device.type} tensors (serves {list(kernel.devices)})")
-    dtype = spec.call_tensors(inputs)[0].dtype if spec.call_tensors(inputs) else None
+    tensors = spec.call_tensors(inputs)
+    dtype = tensors[0].dtype if tensors else None
     allowed = kernel.dtypes if kernel.dtypes is not None else spec.dtypes
     if dtype is not None and dtype not in allowed:
         reasons.append(f"its {spec.name} kernel does not take {dtype} (takes {[str(d) for d in allowed]})")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import liger_core
+from liger_core.operators.cross_entropy import check_options as check_loss_options
 
 from ._common import check_attr, resolve_impl
 
@@ -37,14 +38,7 @@ def check_class_weight(owner: str, argument: str, weight) -> None:
 def check_options(owner: str, **options) -> dict:
     """Type, choice and range checks of the cross-entropy options, so that a bad one fails before any data."""
     checked = {name: check_attr("cross_entropy", owner, name, value) for name, value in options.items()}
-    smoothing = checked.get("label_smoothing")
-    if smoothing is not None and not 0.0 <= smoothing <= 1.0:
-        raise ValueError(f"{owner}: 'label_smoothing' must be in [0, 1], got {smoothing}")
-    if checked.get("lse_square_scale", 0.0) < 0:
-        raise ValueError(f"{owner}: 'lse_square_scale' must be >= 0, got {checked['lse_square_scale']}")
-    softcap = checked.get("softcap")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"{owner}: 'softcap' must be > 0 or None, got {softcap}")
+    check_loss_options(owner, checked)  # the operator's own range checks, run now rather than at the first call
     return checked
 
 
