@@ -3,6 +3,10 @@
 ``liger-kernel info [--json] [--autotune]``: which backend serves which operator on this machine and why not,
 what the default selection picks, plugins that failed to load, and the environment overrides in force.
 
+``liger-kernel bench [--impls ...] [--groups ...] [--ops ...] [--peer FOLDER] [--out FILE.json]``: on a GPU, time
+forward+backward and measure peak extra memory of every operator for ours against PyTorch eager, torch.compile and
+liger-kernel (`liger_core.bench`); ``--plot FILE.json`` draws PNG plots of a recorded result (needs matplotlib).
+
 ``liger-kernel demo [--steps N] [--device DEVICE]``: train a small Llama-style decoder with plain PyTorch layers and
 with the Liger modules, print both loss curves, and exit non-zero when they disagree (`liger_core.demo`).
 """
@@ -150,7 +154,21 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="transformers' LlamaForCausalLM or a plain PyTorch decoder (auto: transformers when installed)",
     )
+    bench = commands.add_parser("bench", help="benchmark every operator against eager, torch.compile, liger-kernel")
+    bench.add_argument("--impls", default=None, help="comma-separated competitors: ours, ours:<backend>, eager, "
+                       "compile, liger (default: ours,eager,compile,liger)")  # fmt: skip
+    bench.add_argument("--groups", default=None, help="comma-separated case groups: target, small, sweep (default all)")
+    bench.add_argument("--ops", default=None, help="comma-separated operators or case names (default all)")
+    bench.add_argument("--rounds", type=int, default=1, help="rounds over the competitors; the best median is kept")
+    bench.add_argument("--peer", default=None, help="folder holding the PyPI liger-kernel (for the 'liger' competitor)")
+    bench.add_argument("--out", default=None, help="JSON file to write (a .md table is written beside it)")
+    bench.add_argument("--suite", choices=("gpu", "smoke"), default="gpu", help="smoke: tiny shapes, any device")
+    bench.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --suite smoke)")
+    bench.add_argument("--plot", default=None, metavar="FILE.json", help="only draw PNG plots of a recorded result")
     args = parser.parse_args(argv)
+
+    if args.command == "bench":
+        return _bench(parser, args)
 
     if args.command == "demo":
         from . import demo as demo_module
@@ -166,6 +184,35 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(gather_info(), indent=1, default=str))
         else:
             _print_info(gather_info())
+    return 0
+
+
+def _bench(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from . import bench
+
+    if args.plot:
+        for path in bench.plot(args.plot):
+            print(path)
+        return 0
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("bench: no CUDA GPU is visible (use --suite smoke --device cpu to try the machinery)")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    split = lambda text: [item.strip() for item in text.split(",") if item.strip()] if text else None  # noqa: E731
+    try:
+        summary = bench.run(
+            split(args.impls) or list(bench.DEFAULT_IMPLS),
+            suite=args.suite,
+            groups=split(args.groups),
+            ops=split(args.ops),
+            rounds=args.rounds,
+            peer=args.peer,
+            device=args.device,
+            out=args.out,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    print(bench.markdown(summary))
     return 0
 
 

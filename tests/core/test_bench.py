@@ -1,0 +1,72 @@
+"""The benchmark machinery (liger_core.bench) on the CPU: every case builds and runs for every kind of competitor
+through our public API and the plain-PyTorch formulas, and a full run writes JSON and markdown. The GPU numbers
+themselves are benchmarks (benchmarks/results/), never asserted here."""
+
+import json
+
+import pytest
+import torch
+
+from liger_core.bench import cases, runner
+
+
+@pytest.mark.parametrize("case", cases.smoke_cases(), ids=lambda case: case.name)
+def test_every_case_runs_through_our_api_and_agrees_with_the_eager_formula(case):
+    device = torch.device("cpu")
+    ours = runner.measure_case(case, "ours:reference", device)
+    assert "error" not in ours, ours.get("traceback")
+    assert ours["ms"] > 0
+    # The forward values of the API path and of the eager formula agree: the cases measure the same computation.
+    api, eager = case.build("api", device), case.build("eager", device)
+    with torch.no_grad():
+        got, expected = api.forward(), eager.forward()
+    got = got if isinstance(got, tuple) else (got,)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    for g, e in zip(got, expected):
+        if e.is_floating_point():
+            torch.testing.assert_close(g.float(), e.float(), atol=2e-2, rtol=2e-2)
+        else:
+            torch.testing.assert_close(g, e)
+
+
+def test_run_writes_json_and_markdown_and_records_failures(tmp_path):
+    out = tmp_path / "result.json"
+    summary = runner.run(
+        ["ours:reference", "eager", "ours:no-such-backend", "liger"],
+        suite="smoke",
+        ops=["rms_norm", "swiglu"],
+        device="cpu",
+        out=str(out),
+    )
+    written = json.loads(out.read_text())
+    assert written["rows"] == summary["rows"]
+    by_key = {(row["case"], row["impl"]): row for row in written["rows"]}
+    assert set(row["op"] for row in written["rows"]) == {"rms_norm", "swiglu"}
+    for name in ("rms_norm 5x33", "swiglu 5x17"):
+        assert by_key[(name, "ours:reference")]["ms"] > 0
+        assert by_key[(name, "eager")]["ms"] > 0
+        assert "no-such-backend" in by_key[(name, "ours:no-such-backend")]["error"]
+    assert "--peer" in written["failures"]["liger"]
+    table = (tmp_path / "result.md").read_text()
+    assert "| rms_norm 5x33 |" in table and "fails" in table
+
+
+def test_bad_competitor_and_empty_selection_are_refused():
+    with pytest.raises(ValueError, match="unknown competitor 'fast'"):
+        runner.run(["fast"], suite="smoke", device="cpu")
+    with pytest.raises(ValueError, match="no benchmark case matches"):
+        runner.run(["eager"], suite="smoke", ops=["no_such_op"], device="cpu")
+
+
+def test_plot_draws_the_swept_cases(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need matplotlib (pip install liger-core[bench])")
+    rows = [
+        {"case": f"rms_norm 8x{h}", "op": "rms_norm", "impl": impl, "axis": ["hidden", h], "ms": h / 1000 * speed}
+        for h in (64, 128, 256)
+        for impl, speed in (("ours", 1.0), ("eager", 2.0))
+    ]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"rows": rows, "device": "cpu", "date": "today"}))
+    written = runner.plot(str(path))
+    assert len(written) == 1 and written[0].endswith("-rms_norm-hidden.png")
+    assert open(written[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
