@@ -139,19 +139,18 @@ def run_child(impl: str, suite: str, names: list[str], device_name: str, out: st
     is_ours = os.path.exists(os.path.join(os.path.dirname(where), "liger_core"))
     if _kind(impl) == "api" and is_ours != (impl != "liger"):
         raise RuntimeError(f"{impl}: imported liger_kernel from {where}, which is the wrong package")
-    rows = []
-    for case in selected:
-        print(f"[{impl}] {case.name}", file=sys.stderr, flush=True)
-        rows.append(measure_case(case, impl, device))
     result = {
         "impl": impl,
         "liger_kernel_path": where,
         "liger_kernel_version": getattr(liger_kernel, "__version__", None) or _distribution_version(impl),
         "copy_gbs": copy_bandwidth_gbs(device),
-        "rows": rows,
+        "rows": [],
     }
-    with open(out, "w") as handle:
-        json.dump(result, handle)
+    for case in selected:
+        print(f"[{impl}] {case.name}", file=sys.stderr, flush=True)
+        result["rows"].append(measure_case(case, impl, device))
+        with open(out, "w") as handle:  # after every case: what was measured survives a later crash or timeout
+            json.dump(result, handle)
 
 
 def _distribution_version(impl: str) -> str | None:
@@ -229,15 +228,21 @@ def run(
                 returncode, stderr = done.returncode, done.stderr
             except subprocess.TimeoutExpired as error:
                 returncode, stderr = -1, f"timed out after {child_timeout} s\n{error.stderr or ''}"
-            if returncode != 0 or not os.path.exists(child_out):
+            if returncode != 0:
                 failures[impl] = (stderr or "")[-3000:]
                 print(f"{impl} failed:\n{failures[impl]}", file=sys.stderr, flush=True)
+            if not os.path.exists(child_out):
                 continue
-            with open(child_out) as handle:
+            with open(child_out) as handle:  # a failed child's file holds the cases it finished
                 runs.append(json.load(handle))
             os.remove(child_out)
+            _write(runs, selected, impls, rounds, device, failures, out)  # kept if a later child hangs
+    return _write(runs, selected, impls, rounds, device, failures, out)
+
+
+def _write(runs, selected, impls, rounds, device: str, failures: dict, out: str | None) -> dict:
     summary = merge(runs, selected, impls, rounds, environment(torch.device(device)))
-    summary["failures"] = failures
+    summary["failures"] = dict(failures)
     if out:
         with open(out, "w") as handle:
             json.dump(summary, handle, indent=1)
