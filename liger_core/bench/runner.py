@@ -19,6 +19,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -219,12 +220,16 @@ def run(
             env = {k: v for k, v in os.environ.items() if not k.startswith("LIGER_KERNEL_")}
             if impl == "liger":
                 env["PYTHONPATH"] = os.path.abspath(peer) + os.pathsep + env.get("PYTHONPATH", "")
-            child_out = f"{out or 'bench'}.{impl.replace(':', '-')}.{round_index}.part.json"
+            child_out = os.path.abspath(f"{out or 'bench'}.{impl.replace(':', '-')}.{round_index}.part.json")
             command = [sys.executable, "-m", "liger_core.bench.runner", "--child", child_out, "--impl", impl]
             command += ["--suite", suite, "--device", device, "--names", json.dumps(names)]
             print(f"round {round_index + 1}/{rounds}: {impl}", flush=True)
             try:
-                done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=child_timeout)
+                # From a neutral folder: `python -m` puts the working directory first on sys.path, and a checkout's
+                # liger_kernel there would shadow the peer's.
+                done = subprocess.run(
+                    command, env=env, capture_output=True, text=True, timeout=child_timeout, cwd=tempfile.gettempdir()
+                )
                 returncode, stderr = done.returncode, done.stderr
             except subprocess.TimeoutExpired as error:
                 returncode, stderr = -1, f"timed out after {child_timeout} s\n{error.stderr or ''}"
