@@ -8,7 +8,7 @@ import liger_core
 
 from .cross_entropy import CrossEntropyOutput, check_options, cross_entropy
 from .fused_linear_cross_entropy import check_fused_options, fused_linear_cross_entropy
-from .fused_linear_jsd import check_fused_jsd_options
+from .fused_linear_jsd import check_fused_jsd_options, fused_linear_jsd
 from .jsd import check_beta
 from .rope import liger_rotary_pos_emb
 
@@ -132,9 +132,7 @@ def liger_fused_linear_jsd(
 ) -> torch.Tensor:
     """`LigerFusedLinearJSD` as a function."""
     attrs = check_fused_jsd_options("liger_fused_linear_jsd", jsd_beta, ignore_index, temperature, accum_dtype)
-    return liger_core.call(
-        "fused_linear_jsd", student_input, student_weight, teacher_input, teacher_weight, shift_labels, **attrs
-    )
+    return fused_linear_jsd(student_input, student_weight, teacher_input, teacher_weight, shift_labels, **attrs)
 
 
 def liger_layer_norm(X: torch.Tensor, W: torch.Tensor, B: torch.Tensor | None, eps: float) -> torch.Tensor:

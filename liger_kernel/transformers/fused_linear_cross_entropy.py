@@ -10,6 +10,7 @@ import liger_core
 from liger_core.operators.fused_linear_cross_entropy import check_accum_dtype
 
 from ._common import check_attr, resolve_impl
+from ._distributed import gather_dtensors
 from .cross_entropy import CrossEntropyOutput, check_class_weight, check_options
 
 OP = "fused_linear_cross_entropy"
@@ -25,7 +26,9 @@ def check_fused_options(owner: str, accum_dtype, use_token_scaling, **options) -
 
 
 def fused_linear_cross_entropy(_input, lin_weight, target, bias, ce_weight, impl, attrs: dict):
-    """Run the operator and apply the return convention: the loss alone unless a ``return_*`` flag is set."""
+    """Run the operator and apply the return convention: the loss alone unless a ``return_*`` flag is set.
+    DTensor operands (e.g. an FSDP2-sharded lm_head weight) are gathered first (`gather_dtensors`)."""
+    _input, lin_weight, bias, ce_weight = gather_dtensors(_input, lin_weight, bias, ce_weight)
     loss, z_loss, token_accuracy, predicted_tokens = liger_core.call(
         OP, _input, lin_weight, target, bias, ce_weight, impl=impl, **attrs
     )

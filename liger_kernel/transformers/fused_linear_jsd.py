@@ -10,6 +10,7 @@ import liger_core
 from liger_core.operators.fused_linear_cross_entropy import check_accum_dtype
 
 from ._common import check_attr, resolve_impl
+from ._distributed import gather_dtensors
 from .jsd import check_beta
 
 OP = "fused_linear_jsd"
@@ -26,6 +27,16 @@ def check_fused_jsd_options(owner: str, jsd_beta, ignore_index, temperature, acc
         raise ValueError(f"{owner}: 'temperature' must be > 0, got {temperature}")
     check_accum_dtype(owner, accum_dtype)
     return checked
+
+
+def fused_linear_jsd(student_input, student_weight, teacher_input, teacher_weight, shift_labels, impl=None, **attrs):
+    """Run the operator; DTensor operands (e.g. FSDP2-sharded weights) are gathered first (`gather_dtensors`)."""
+    student_input, student_weight, teacher_input, teacher_weight = gather_dtensors(
+        student_input, student_weight, teacher_input, teacher_weight
+    )
+    return liger_core.call(
+        OP, student_input, student_weight, teacher_input, teacher_weight, shift_labels, impl=impl, **attrs
+    )
 
 
 class LigerFusedLinearJSD(nn.Module):
@@ -61,8 +72,7 @@ class LigerFusedLinearJSD(nn.Module):
         teacher_weight: torch.Tensor,
         shift_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return liger_core.call(
-            OP,
+        return fused_linear_jsd(
             student_input,
             student_weight,
             teacher_input,
