@@ -23,6 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from ._distributed import call_through
 from .functional import liger_cross_entropy, liger_fused_linear_cross_entropy
 
 FUSED = "fused_linear_cross_entropy"
@@ -65,19 +66,62 @@ def _divide(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     return loss / num_items_in_batch
 
 
-def fused_loss(lm_head, kept: torch.Tensor, targets, num_items_in_batch, ignore_index: int, softcap):
-    """The lm head and the cross entropy in one operator: the logits are never materialised."""
+def fused_loss(
+    lm_head,
+    kept: torch.Tensor,
+    targets,
+    num_items_in_batch,
+    ignore_index: int,
+    softcap,
+    use_token_scaling: bool = False,
+    return_token_accuracy: bool = False,
+):
+    """The lm head and the cross entropy in one operator: the logits are never materialised. Returns
+    ``(loss, token_accuracy)``; the accuracy is None unless asked for.
+
+    The loss runs as the lm head's own forward (`call_through`): a wrapper that gathers the lm head's weight in
+    its hooks (FSDP2's ``fully_shard(lm_head)``, DeepSpeed ZeRO-3) hands the gathered weight to this call, exactly
+    as for ``lm_head(hidden)``, and reduces its gradient afterwards. The weight is read inside, never before."""
     hidden = kept.reshape(-1, kept.shape[-1])
-    loss = liger_fused_linear_cross_entropy(
-        hidden,
-        lm_head.weight,
-        targets.to(hidden.device),
-        bias=lm_head.bias,
-        ignore_index=ignore_index,
-        reduction="mean" if num_items_in_batch is None else "sum",
-        softcap=softcap,
-    )
-    return _divide(loss, num_items_in_batch)
+
+    def lm_head_loss(hidden: torch.Tensor, targets: torch.Tensor) -> tuple:
+        result = liger_fused_linear_cross_entropy(
+            hidden,
+            lm_head.weight,
+            targets,
+            bias=lm_head.bias,
+            ignore_index=ignore_index,
+            reduction="mean" if num_items_in_batch is None else "sum",
+            softcap=softcap,
+            use_token_scaling=use_token_scaling,
+            return_token_accuracy=return_token_accuracy,
+        )
+        # a tuple of tensors, not the CrossEntropyOutput dataclass: what the lm head's hooks can see through
+        return (result.loss, result.token_accuracy) if return_token_accuracy else (result, None)
+
+    loss, token_accuracy = call_through(lm_head, lm_head_loss, hidden, targets.to(hidden.device))
+    return _divide(loss, num_items_in_batch), token_accuracy
+
+
+def scaled_logits_loss(logits: torch.Tensor, targets, num_items_in_batch, ignore_index: int) -> torch.Tensor:
+    """``use_token_scaling`` over materialised logits (TRL's DFT loss): each token's cross entropy times its
+    detached predicted probability of the target, reduced like ``ForCausalLMLoss``."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.to(flat.device)
+    valid = targets != ignore_index
+    nll = -flat.log_softmax(-1).gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+    total = torch.where(valid, nll * torch.exp(-nll).detach(), 0.0).sum()
+    if num_items_in_batch is None:
+        return total / valid.sum().clamp(min=1)
+    return _divide(total, num_items_in_batch)
+
+
+def logits_token_accuracy(logits: torch.Tensor, targets, ignore_index: int) -> torch.Tensor:
+    """The share of non-ignored targets that are the argmax of their logits (0 when all are ignored)."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    targets = targets.to(flat.device)
+    valid = targets != ignore_index
+    return ((flat.argmax(-1) == targets) & valid).sum() / valid.sum().clamp(min=1)
 
 
 def logits_loss(logits: torch.Tensor, targets, num_items_in_batch, ignore_index: int) -> torch.Tensor:
@@ -96,8 +140,22 @@ def output_class(moe: bool) -> tuple[type, frozenset]:
     """transformers' causal-LM output class and its field names (looked up at patch time, not while tracing)."""
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
-    cls = MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
+    base = MoeCausalLMOutputWithPast if moe else CausalLMOutputWithPast
+    if base not in _OUTPUT_CLASSES:
+        # transformers' output with liger-kernel's ``token_accuracy`` field (TRL's SFTTrainer reads it); None,
+        # and so absent from ``to_tuple()``, unless ``return_token_accuracy=True``
+        cls = dataclasses.make_dataclass(
+            f"Liger{base.__name__}",
+            [("token_accuracy", "torch.FloatTensor | None", dataclasses.field(default=None))],
+            bases=(base,),
+            namespace={"__module__": __name__},
+        )
+        _OUTPUT_CLASSES[base] = cls
+    cls = _OUTPUT_CLASSES[base]
     return cls, frozenset(field.name for field in dataclasses.fields(cls))
+
+
+_OUTPUT_CLASSES: dict[type, type] = {}
 
 
 def causal_lm_forward(self, mode: str, moe: bool, output: tuple[type, frozenset], kwargs: dict):
@@ -109,6 +167,9 @@ def causal_lm_forward(self, mode: str, moe: bool, output: tuple[type, frozenset]
     num_items_in_batch = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     ignore_index = kwargs.pop("ignore_index", -100)
+    # liger-kernel's forward options that TRL's SFTTrainer(use_liger_kernel=True) passes (DFT loss, metrics)
+    use_token_scaling = kwargs.pop("use_token_scaling", False)
+    return_token_accuracy = kwargs.pop("return_token_accuracy", False)
     if moe:
         output_router_logits = kwargs.pop("output_router_logits", None)
         if output_router_logits is None:
@@ -125,15 +186,30 @@ def causal_lm_forward(self, mode: str, moe: bool, output: tuple[type, frozenset]
         raise ValueError("skip_logits=True computes only the loss: pass 'labels' or 'shift_labels'")
     softcap = getattr(self.config, "final_logit_softcapping", None)
 
-    logits = loss = None
+    logits = loss = token_accuracy = None
     if skip_logits:
         targets = shifted_targets(labels, shift_labels, ignore_index)
-        loss = fused_loss(self.lm_head, kept, targets, num_items_in_batch, ignore_index, softcap)
+        loss, token_accuracy = fused_loss(
+            self.lm_head,
+            kept,
+            targets,
+            num_items_in_batch,
+            ignore_index,
+            softcap,
+            use_token_scaling,
+            return_token_accuracy,
+        )
     else:
         logits = self.lm_head(kept)
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
-        if wants_loss and mode == CROSS_ENTROPY:
+        if wants_loss and (use_token_scaling or return_token_accuracy):
+            targets = shifted_targets(labels, shift_labels, ignore_index)
+            if return_token_accuracy:
+                token_accuracy = logits_token_accuracy(logits, targets, ignore_index)
+        if wants_loss and use_token_scaling:
+            loss = scaled_logits_loss(logits, targets, num_items_in_batch, ignore_index)
+        elif wants_loss and mode == CROSS_ENTROPY:
             targets = shifted_targets(labels, shift_labels, ignore_index)
             loss = logits_loss(logits, targets, num_items_in_batch, ignore_index)
         elif wants_loss:
@@ -158,7 +234,7 @@ def causal_lm_forward(self, mode: str, moe: bool, output: tuple[type, frozenset]
             if loss is not None:
                 loss = loss + self.router_aux_loss_coef * aux_loss.to(loss.device)
         extra["aux_loss"] = aux_loss
-    result = output_type(loss=loss, logits=logits, **extra)
+    result = output_type(loss=loss, logits=logits, **extra, token_accuracy=token_accuracy)
     if return_dict is None:
         return_dict = getattr(self.config, "return_dict", True)
     return result if return_dict else result.to_tuple()

@@ -151,7 +151,34 @@ _MLP_MODULES = {"swiglu": LigerSwiGLUMLP, "geglu": LigerGEGLUMLP, "phi3": LigerP
 _ORIGINAL_FORWARDS: dict[type, object] = {}
 
 
+# the transformers releases the patchers are written for (and tested on: 5.0 to 5.24): >= 5.0, < 6
+TRANSFORMERS_MAJOR = 5
+
+
+def _check_transformers_version(owner: str) -> None:
+    """transformers 4.x builds its models differently (per-expert MLP modules, no output capturing): refuse it
+    clearly rather than patch it wrongly; a later major version is patched with a warning."""
+    import transformers
+
+    found = str(getattr(transformers, "__version__", "unknown"))
+    major = found.split(".")[0]
+    major = int(major) if major.isdigit() else None
+    if major is None or major < TRANSFORMERS_MAJOR:
+        raise ImportError(
+            f"{owner}: needs Hugging Face transformers >= {TRANSFORMERS_MAJOR}.0, < {TRANSFORMERS_MAJOR + 1} "
+            f"(found {found}); upgrade transformers, e.g. pip install 'transformers>={TRANSFORMERS_MAJOR},"
+            f"<{TRANSFORMERS_MAJOR + 1}'"
+        )
+    if major > TRANSFORMERS_MAJOR:
+        warnings.warn(
+            f"{owner}: written for transformers {TRANSFORMERS_MAJOR}.x, found {found}; patching anyway (check the "
+            "losses against the unpatched model)",
+            stacklevel=4,
+        )
+
+
 def _modeling_module(family: _Family) -> types.ModuleType:
+    _check_transformers_version(f"apply_liger_kernel_to_{family.model_type}")
     try:
         return importlib.import_module(family.module)
     except ImportError as error:
