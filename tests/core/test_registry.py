@@ -79,7 +79,8 @@ def test_stale_stevedore_cache_does_not_hide_a_plugin(tmp_path):
         [sys.executable, "-W", "ignore", "-c", list_backends], capture_output=True, text=True, env=env
     )
     assert found.returncode == 0, found.stderr
-    assert found.stdout.split() == ["['cuda',", "'reference',", "'testplug',", "'testslow',", "'triton']"]
+    # Other installed plugins (liger-inductor) may add to the list; the test plugin must be in it.
+    assert {"cuda", "reference", "testplug", "testslow", "triton"} <= set(eval(found.stdout))
 
 
 def _backend(name, **kwargs):

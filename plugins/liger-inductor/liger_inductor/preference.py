@@ -1,0 +1,208 @@
+"""The preference losses (DPO, ORPO, CPO, SimPO), compiled tile by tile of tokens.
+
+The math is the reference backend's (`liger_backends.reference.preference`, whose docstring explains the two
+passes); only the two passes over (rows, V) logits, where the time goes, are compiled:
+
+1. forward, per tile (`TOKEN_PASS`): the logits, each token's logsumexp, its logits' row sum and its target logit
+   (and nll_target logit), fused by Inductor into one reduction sweep after the matmul;
+2. backward, per tile (`GRADIENT_PASS`): the logits again, ``d loss / dz = coef·(onehot(target) − p)``, the tile's
+   input gradient and bias gradient; the weight gradient is accumulated outside with an in-place ``addmm_``.
+
+Between them, the per-sequence losses and their derivative run eagerly on (2B,)-sized tensors with the reference's
+functions. A tile holds up to `liger_inductor.compiler.CHUNK_BYTES` of float32 logits; its row count is a dynamic
+dimension, so every tile of every step shares one graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from liger_backends.reference import preference as reference
+
+from liger_core.spec import FLOAT_DTYPES, KernelSpec
+
+from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, toolchain_reasons
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wide: torch.dtype) -> torch.Tensor:
+    z = x.to(wide) @ weight.T  # weight and bias arrive already in the wide dtype, converted once per call
+    return z if bias is None else z + bias
+
+
+def token_math(args: tuple, static: dict):
+    """One tile: (logsumexp, row sum of the logits, target logit, nll_target logit or None) per token."""
+    x, weight, bias, classes, nll_classes = args
+    z = _logits(x, weight, bias, static["wide"])
+    picked = z.gather(1, classes.unsqueeze(1)).squeeze(1)
+    nll_picked = None if nll_classes is None else z.gather(1, nll_classes.unsqueeze(1)).squeeze(1)
+    return torch.logsumexp(z, dim=-1), z.sum(-1), picked, nll_picked
+
+
+def gradient_math(args: tuple, static: dict):
+    """One tile: (grad of x rows, d loss / dz in the wide dtype, grad of the bias or None)."""
+    x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef = args
+    z = _logits(x, weight, bias, static["wide"])
+    dz = torch.exp(z - lse[:, None]) * -total[:, None]
+    dz = dz.scatter_add(1, safe[:, None], coef[:, None])
+    if nll_coef is not None:
+        dz = dz.scatter_add(1, nll_safe[:, None], nll_coef[:, None])
+    return (dz @ weight).to(x.dtype), dz, None if bias is None else dz.sum(0)
+
+
+TOKEN_PASS = CompiledFunction("preference_tokens", token_math, {0: LEADING, 3: ALL, 4: ALL})
+GRADIENT_PASS = CompiledFunction(
+    "preference_gradient", gradient_math, {0: LEADING, 3: ALL, 4: ALL, 5: ALL, 6: ALL, 7: ALL, 8: ALL}
+)
+
+
+def _token_pass(x: torch.Tensor, weight: torch.Tensor, bias, gathers: list[torch.Tensor], wide: torch.dtype):
+    """Per token: logsumexp of its logits, their sum, and its logit at each class row of `gathers` (one or two)."""
+    rows = x.shape[0] * x.shape[1]
+    x2d = x.reshape(rows, x.shape[2])
+    w = weight.to(wide)
+    b = bias.to(wide) if bias is not None else None
+    step = chunk_rows(rows, weight.shape[0])
+    lse, row_sum, picked, nll_picked = [], [], [], []
+    for start in range(0, max(rows, 1), step):
+        stop = min(start + step, rows)
+        second = gathers[1][start:stop] if len(gathers) > 1 else None
+        tile = TOKEN_PASS((x2d[start:stop], w, b, gathers[0][start:stop], second), {"wide": wide})
+        for out, value in zip((lse, row_sum, picked, nll_picked), tile):
+            out.append(value)
+    picked_all = [torch.cat(picked)] + ([torch.cat(nll_picked)] if len(gathers) > 1 else [])
+    return torch.cat(lse), torch.cat(row_sum), picked_all
+
+
+def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
+    def forward(inputs: tuple, attrs: dict, needs_grad: bool):
+        x, weight, target, bias = inputs[:4]
+        ref_input = ref_weight = ref_bias = nll_target = None
+        if op == "fused_linear_dpo" and attrs["use_ref_model"]:
+            ref_input, ref_weight, ref_bias = inputs[4:]
+        if op == "fused_linear_orpo":
+            nll_target = inputs[4]
+        ignore_index = attrs["ignore_index"]
+        alpha = attrs.get("alpha", 1.0) if attrs["compute_nll_loss"] else 0.0
+        average = always_average or attrs["average_log_prob"]
+        wide = torch.promote_types(x.dtype, torch.float32)
+        sequences, length = x.shape[0], x.shape[1]
+        pairs, vocab = sequences // 2, weight.shape[0]
+
+        safe, counted, in_range = reference._safe_targets(target, vocab, ignore_index)
+        gathers = [safe]
+        if nll_target is not None:
+            nll_safe, nll_counted, nll_in_range = reference._safe_targets(nll_target, vocab, ignore_index)
+            gathers.append(nll_safe)
+        else:
+            nll_safe, nll_counted, nll_in_range = safe, counted, in_range
+        lse, row_sum, picked = _token_pass(x, weight, bias, gathers, wide)
+        token_logp = reference._token_logps(picked[0], lse, counted, in_range, (sequences, length))
+        logps, denominator = reference._sequence_logps(token_logp, counted, average)
+        c, r = logps[:pairs], logps[pairs:]
+
+        if ref_input is not None:
+            with torch.no_grad():
+                ref_lse, _, ref_picked = _token_pass(ref_input, ref_weight, ref_bias, [safe], wide)
+                ref_token_logp = reference._token_logps(ref_picked[0], ref_lse, counted, in_range, (sequences, length))
+                ref_logps, _ = reference._sequence_logps(ref_token_logp, counted, average)
+            ref_c, ref_r = ref_logps[:pairs], ref_logps[pairs:]
+        else:
+            ref_c = ref_r = torch.zeros((), dtype=wide, device=x.device)
+
+        # NLL over the chosen half: summed negative log-prob of its counted tokens over their count.
+        nll_token_logp = (
+            token_logp
+            if nll_target is None
+            else reference._token_logps(picked[1], lse, nll_counted, nll_in_range, (sequences, length))
+        )
+        chosen_counted = nll_counted.view(sequences, length)[:pairs]
+        nll_count = chosen_counted.sum().clamp_min(1).to(wide)
+        nll = -nll_token_logp[:pairs].sum() / nll_count
+
+        def mean_pair_loss(chosen, rejected):
+            return pairs_fn(chosen, rejected, ref_c, ref_r, attrs).mean()
+
+        if needs_grad:
+            preference, vjp = torch.func.vjp(mean_pair_loss, c, r)
+            d_chosen, d_rejected = vjp(torch.ones_like(preference))
+        else:
+            preference = mean_pair_loss(c, r)
+        loss = preference + alpha * nll if alpha != 0.0 else preference
+        extras = extras_fn(c, r, ref_c, ref_r, attrs)
+        chosen_logits_mean = row_sum[: pairs * length].sum() / (pairs * length * vocab)
+        rejected_logits_mean = row_sum[pairs * length :].sum() / (pairs * length * vocab)
+        nll_out = nll if attrs["compute_nll_loss"] else torch.zeros_like(nll)
+
+        out_dtype = x.dtype
+        outputs = (loss.to(out_dtype),) + tuple(
+            t.detach().to(out_dtype) for t in (c, r, chosen_logits_mean, rejected_logits_mean, nll_out, *extras)
+        )
+        if not needs_grad:
+            return outputs, None
+
+        # d loss / d token log-prob, per token (0 at ignored positions).
+        d_sequence = torch.cat([d_chosen, d_rejected]) / denominator
+        coef = torch.where(counted, d_sequence.repeat_interleave(length), torch.zeros_like(lse))
+        nll_coef = torch.where(
+            nll_counted & (torch.arange(sequences * length, device=x.device) < pairs * length),
+            (-alpha / nll_count).expand(sequences * length),
+            torch.zeros_like(lse),
+        )
+        if nll_target is None:
+            coef, nll_coef, nll_safe = coef + nll_coef, None, None
+        return outputs, (x, weight, bias, lse, safe, coef, nll_safe, nll_coef)
+
+    return forward
+
+
+def backward(saved: tuple, grad_outputs: tuple):
+    x, weight, bias, lse, safe, coef, nll_safe, nll_coef = saved
+    grad_loss = grad_outputs[0]
+    if grad_loss is None:
+        return None, None, None
+    wide = lse.dtype
+    scale = grad_loss.to(wide)
+    coef = coef * scale
+    total = coef
+    if nll_coef is not None:
+        nll_coef = nll_coef * scale
+        total = coef + nll_coef
+    rows, hidden = x.shape[0] * x.shape[1], x.shape[2]
+    x2d = x.reshape(rows, hidden)
+    w = weight.to(wide)
+    b = bias.to(wide) if bias is not None else None
+    grad_x = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+    grad_w = torch.zeros(w.shape, dtype=wide, device=x.device)  # our own accumulators, updated in place
+    grad_b = torch.zeros(w.shape[0], dtype=wide, device=x.device) if bias is not None else None
+    step = chunk_rows(rows, weight.shape[0])
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        tile = slice(start, stop)
+        second = (nll_safe[tile], nll_coef[tile]) if nll_coef is not None else (None, None)
+        args = (x2d[tile], w, b, lse[tile], safe[tile], coef[tile], total[tile], *second)
+        grad_x[tile], dz, tile_grad_b = GRADIENT_PASS(args, {"wide": wide})
+        grad_w.addmm_(dz.T, x2d[tile].to(wide))
+        if grad_b is not None:
+            grad_b += tile_grad_b
+    return (
+        grad_x.view(x.shape),
+        grad_w.to(weight.dtype),
+        grad_b.to(bias.dtype) if grad_b is not None else None,
+    )
+
+
+def _kernel(op: str, pairs_fn, extras_fn, always_average: bool) -> KernelSpec:
+    return KernelSpec(
+        op=op,
+        forward=_make_forward(op, pairs_fn, extras_fn, always_average),
+        backward=backward,
+        supports=toolchain_reasons,
+        dtypes=FLOAT_DTYPES,
+        devices=("cuda",),
+        min_capability=(7, 0),
+    )
+
+
+DPO_KERNEL = _kernel("fused_linear_dpo", reference._dpo_pairs, reference._dpo_extras, always_average=False)
+ORPO_KERNEL = _kernel("fused_linear_orpo", reference._orpo_pairs, reference._orpo_extras, always_average=True)
+CPO_KERNEL = _kernel("fused_linear_cpo", reference._cpo_pairs, reference._plain_rewards, always_average=False)
+SIMPO_KERNEL = _kernel("fused_linear_simpo", reference._simpo_pairs, reference._plain_rewards, always_average=True)
