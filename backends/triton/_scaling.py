@@ -1,8 +1,15 @@
-"""``y = x · g`` for a gradient ``x`` and a 0-D upstream gradient ``g`` on the device: the backward of the losses whose
-forward already computed the gradient for a unit upstream gradient (fused_linear_jsd).
+"""Scaling a gradient computed in the forward (for a unit upstream gradient) by the upstream gradient, in the
+backward: cross_entropy, fused_linear_cross_entropy, jsd and fused_linear_jsd compute their input gradients while
+the inputs are at hand in the forward, and their backward only multiplies.
 
-The product is taken in fp32 and rounded once to the output dtype (torch's ``x * g`` with a bf16 ``x`` would round
-``g`` to bf16 first). ``g`` is read on the device: no host synchronisation.
+`scale_in_place` multiplies our own buffer in place (eagerly): a block whose factors are all exactly 1, the usual
+``loss.backward()``, is left alone without being read, so the whole backward then costs one launch. The factor is
+read on the device: no host synchronisation. The buffer's version is bumped, so a second backward through the same
+graph (``retain_graph=True``) raises autograd's "modified by an inplace operation" error instead of scaling twice.
+Under torch.compile it is an out-of-place product, which Inductor fuses.
+
+The product is taken in fp32 and rounded once to the buffer's dtype (torch's ``x * g`` with a bf16 ``x`` would
+round ``g`` to bf16 first).
 """
 
 from __future__ import annotations
@@ -11,32 +18,50 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import _launch, cast_to
+from .rms_norm import cast_to
 
 BLOCK = 4096
 NUM_WARPS = 8
 
 
 @triton.jit
-def scale_kernel(X, G, Y, n_elements, BLOCK: tl.constexpr):
+def scale_in_place_kernel(BUF, UPSTREAM, numel, n_cols, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """BUF *= upstream (a scalar, or one value per row of n_cols), in place; a block whose factors are all exactly 1
+    is left alone without being read."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
-    g = tl.load(G).to(tl.float32)
-    x = tl.load(X + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offsets, cast_to(x * g, Y.dtype.element_ty), mask=mask)
+    mask = offsets < numel
+    if PER_ROW:
+        g = tl.load(UPSTREAM + offsets // n_cols, mask=mask, other=1.0).to(tl.float32)
+    else:
+        g = tl.load(UPSTREAM + tl.zeros([BLOCK], dtype=tl.int64)).to(tl.float32)
+    if tl.max((g != 1.0).to(tl.int32), axis=0) > 0:
+        x = tl.load(BUF + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(BUF + offsets, cast_to(x * g, BUF.dtype.element_ty), mask=mask)
 
 
-def scale(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x (contiguous, any shape) times the 0-D g, as a new tensor of `dtype`."""
-    y = torch.empty(x.shape, dtype=dtype, device=x.device)
-    n = x.numel()
-    if n:
-        _launch(scale_kernel)[(triton.cdiv(n, BLOCK),)](x, g, y, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return y
+# -- launchers -----------------------------------------------------------------------------------------------------
 
 
-scale_op = torch.library.triton_op("liger_triton::scale_by_gradient", mutates_args=())(scale)
+def scale_in_place(buffer: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """buffer (contiguous, our own) times upstream (a scalar, or one value per row of buffer), in place when eager
+    (version bumped: saved copies of it are stale); out of place under torch.compile, where Inductor fuses it."""
+    per_row = upstream.dim() > 0
+    if torch.compiler.is_compiling():
+        factor = upstream.reshape(-1, *([1] * (buffer.dim() - 1))) if per_row else upstream
+        return (buffer * factor).to(buffer.dtype)
+    numel = buffer.numel()
+    if numel == 0:
+        return buffer
+    upstream = upstream.contiguous()  # an expanded upstream has stride 0
+    n_cols = buffer.shape[-1] if per_row else 1
+    scale_in_place_kernel[(triton.cdiv(numel, BLOCK),)](
+        buffer, upstream, numel, n_cols, PER_ROW=per_row, BLOCK=BLOCK, num_warps=NUM_WARPS
+    )
+    torch.autograd.graph.increment_version(buffer)
+    return buffer
 
 
 def scale_by_gradient(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (scale_op if torch.compiler.is_compiling() else scale)(x, g, dtype)
+    """x (our own contiguous buffer) times the 0-D g, returned in `dtype`: in place when x already has it."""
+    scaled = scale_in_place(x, g)
+    return scaled if scaled.dtype == dtype else scaled.to(dtype)

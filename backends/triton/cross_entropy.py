@@ -34,6 +34,7 @@ import triton.language as tl
 
 from liger_core.spec import KernelSpec
 
+from ._scaling import scale_in_place
 from .rms_norm import DTYPES, _launch, cast_to
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -41,7 +42,7 @@ REDUCTIONS = ("mean", "sum", "none")
 # budget (16 fp32 values per thread per live tensor), to be swept on an H200 at V = 32000 .. 256000.
 BLOCK_V, ROW_WARPS = 4096, 8
 # The one-program reductions over targets and rows, and the elementwise scaling of the backward.
-REDUCE_BLOCK, SCALE_BLOCK, SCALE_WARPS = 1024, 4096, 8
+REDUCE_BLOCK = 1024
 # Slots of the per-call statistics buffer (fp32).
 CE_COEFFICIENT, Z_COEFFICIENT, INVERSE_COUNT, CLASS_WEIGHT_TOTAL = 0, 1, 2, 3
 
@@ -256,21 +257,6 @@ def cross_entropy_reduce_kernel(
         tl.store(ACCURACY, tl.sum(correct, axis=0) * tl.load(STATS + 2))
 
 
-@triton.jit
-def scale_in_place_kernel(BUF, UPSTREAM, numel, n_cols, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """BUF *= upstream (a scalar, or one value per row of n_cols), in place; a block whose factors are all exactly 1
-    is left alone without being read."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    if PER_ROW:
-        g = tl.load(UPSTREAM + offsets // n_cols, mask=mask, other=1.0).to(tl.float32)
-    else:
-        g = tl.load(UPSTREAM + tl.zeros([BLOCK], dtype=tl.int64)).to(tl.float32)
-    if tl.max((g != 1.0).to(tl.int32), axis=0) > 0:
-        x = tl.load(BUF + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(BUF + offsets, cast_to(x * g, BUF.dtype.element_ty), mask=mask)
-
-
 # -- launchers ---------------------------------------------------------------------------------------------------
 
 
@@ -436,25 +422,6 @@ def cross_entropy_forward_into_logits(
     if not allocated_here:
         torch.autograd.graph.increment_version(logits)
     return outputs
-
-
-def scale_in_place(buffer: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
-    """buffer (contiguous, our own) times upstream (a scalar, or one value per row of buffer), in place when eager
-    (version bumped: saved copies of it are stale); out of place under torch.compile, where Inductor fuses it."""
-    per_row = upstream.dim() > 0
-    if torch.compiler.is_compiling():
-        factor = upstream.reshape(-1, *([1] * (buffer.dim() - 1))) if per_row else upstream
-        return (buffer * factor).to(buffer.dtype)
-    numel = buffer.numel()
-    if numel == 0:
-        return buffer
-    upstream = upstream.contiguous()  # an expanded upstream has stride 0
-    n_cols = buffer.shape[-1] if per_row else 1
-    scale_in_place_kernel[(triton.cdiv(numel, SCALE_BLOCK),)](
-        buffer, upstream, numel, n_cols, PER_ROW=per_row, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS
-    )
-    torch.autograd.graph.increment_version(buffer)
-    return buffer
 
 
 cross_entropy_forward_op = torch.library.triton_op("liger_triton::cross_entropy_forward", mutates_args=())(

@@ -8,13 +8,11 @@ before their loads, so they cost no reads and give 0 loss and 0 gradient. The me
 counted rows, stays on the device: its reciprocal (0 when no row counts) is a 0-D fp32 tensor the kernel reads.
 
 The gradient with respect to log_q needs only the element's own two values, the 1/count coefficient and the upstream
-gradient, so it can come from either side:
-
-- backward (default, ``GRADIENT_IN_FORWARD = False``): the backward launch reads log_q and log_p again and writes
-  ``g · coef · d term / d log_q``. Traffic per element: forward 2 reads, backward 2 reads and 1 write; nothing is
-  held between forward and backward beyond references to the inputs, so the peak is one gradient-sized buffer.
-- forward: the forward launch also writes ``coef · d term / d log_q`` and the backward scales it by g
-  (``_scaling``). The same 5 element transfers, but a second (BT, V) buffer lives from forward to backward.
+gradient. It is written by the forward launch, ``coef · d term / d log_q``, while the inputs are in registers, and
+the backward multiplies it by the upstream gradient in place (``_scaling``; nothing to do for ``loss.backward()``).
+Traffic per element: 2 reads and 1 write, against 2 reads in the forward plus 2 reads and 1 write in a backward that
+recomputed it; the price is the gradient buffer existing from the forward on instead of from the backward on.
+``GRADIENT_IN_FORWARD = False`` selects the recomputing backward (kept: it is what a retained graph would need).
 
 The shared elementwise math (``jsd_terms``) is also used by fused_linear_jsd. Under torch.compile the launchers run
 as ``torch.library.triton_op``s; eagerly they are plain calls (see rms_norm.py's launchers for why). They never write
@@ -41,8 +39,8 @@ GENERAL = tl.constexpr(2)
 
 INPUT_DTYPES = DTYPES + (torch.float64,)  # log_p is only read (and rounded to fp32, as the reference does)
 INDEX_DTYPES = (torch.int64, torch.int32)
-# Where the gradient is computed (see the module docstring); to be settled by timing on the GPU.
-GRADIENT_IN_FORWARD = False
+# Where the gradient is computed (see the module docstring).
+GRADIENT_IN_FORWARD = True
 # Elements of one tile and the widest column block. Untuned: to be swept on an H200.
 TILE = 4096
 MAX_BLOCK_COLS = 4096

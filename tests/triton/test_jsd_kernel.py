@@ -1,6 +1,6 @@
 """The Triton jsd's own paths, which the generic conformance test does not reach: rows split into several column
 blocks with a partial last one, several tiles per program, every beta (0 and 1 are the two KLs), labels with a custom
-ignore_index and all rows ignored, the gradient computed in the backward (default) or in the forward, a float64
+ignore_index and all rows ignored, the gradient computed in the forward (default) or in the backward, a float64
 teacher, strided inputs left alone, int32 labels, a missing upstream gradient. Truth is the reference backend's
 forward run in float64 and differentiated by autograd."""
 
@@ -150,3 +150,16 @@ def test_supports_names_what_it_cannot_serve(kernel_module):
     assert any("log_q" in r and "float64" in r for r in reasons)
     assert any("shift_labels" in r for r in reasons)
     assert kernel_module.supports((meta.half(), meta.double(), None), {"beta": 0.5}) == []
+
+
+def test_gradient_scaled_in_place_refuses_a_second_backward_instead_of_scaling_twice(kernel_module, device):
+    log_q, log_p = make(6, 37, torch.float32, device)
+    log_q.requires_grad_(True)
+    loss = liger_core.call("jsd", log_q, log_p, None, impl="triton") * 3.0
+    (first,) = torch.autograd.grad(loss, log_q, retain_graph=True)
+    expected_q = log_q.detach().double().requires_grad_(True)
+    expected = reference_forward((expected_q, log_p.double(), None), {"beta": 0.5, "ignore_index": -100}, False)
+    (truth,) = torch.autograd.grad(expected[0][0] * 3.0, expected_q)
+    torch.testing.assert_close(first.double(), truth, atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, log_q)
