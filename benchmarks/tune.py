@@ -1,0 +1,192 @@
+"""Sweep the launch constants of the Triton kernels on a GPU (the values in backends/triton/ come from these runs).
+
+    python benchmarks/tune.py [--only int2,cross_entropy,...] [--out sweep.json]
+
+For each kernel the module constants are set, the operator is timed forward+backward (``triton.testing.do_bench``
+median) at the issues' reference shape through ``liger_core.call(..., impl="triton")``, and peak extra memory is
+recorded. Prints one table per kernel, fastest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+
+import torch
+from triton.testing import do_bench
+
+import liger_core
+
+BF16 = torch.bfloat16
+
+
+def time_step(step) -> tuple[float, float]:
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return float(do_bench(step, warmup=50, rep=300, return_mode="median")), peak
+
+
+def sweep(name: str, module, settings: list[dict], step) -> list[dict]:
+    original = {key: getattr(module, key) for key in settings[0]}
+    rows = []
+    for setting in settings:
+        for key, value in setting.items():
+            setattr(module, key, value)
+        try:
+            ms, peak = time_step(step)
+            rows.append({"kernel": name, **{k: str(v) for k, v in setting.items()}, "ms": ms, "peak_mib": peak})
+        except Exception as error:  # a tile that does not fit (shared memory, registers): record and go on
+            rows.append({"kernel": name, **{k: str(v) for k, v in setting.items()}, "error": str(error)[:200]})
+        torch.cuda.empty_cache()
+    for key, value in original.items():
+        setattr(module, key, value)
+    print(f"\n{name}")
+    for row in sorted(rows, key=lambda r: r.get("ms", 1e9)):
+        print("  ", json.dumps(row))
+    return rows
+
+
+def grid(**axes) -> list[dict]:
+    return [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
+
+
+def cross_entropy():
+    from liger_backends.triton import cross_entropy as module
+
+    logits = torch.randn(8192, 128256, device="cuda", dtype=BF16, requires_grad=True)
+    target = torch.randint(0, 128256, (8192,), device="cuda")
+
+    def step():
+        liger_core.call("cross_entropy", logits, target, None, impl="triton")[0].backward()
+        logits.grad = None
+
+    return sweep("cross_entropy (8192, 128256) bf16", module, grid(BLOCK_V=[2048, 4096, 8192], ROW_WARPS=[4, 8, 16]),
+                 step)  # fmt: skip
+
+
+def kl_div():
+    from liger_backends.triton import kl_div as module
+
+    log_q = torch.randn(4096, 128256, device="cuda").log_softmax(-1).requires_grad_(True)
+    p = torch.randn(4096, 128256, device="cuda").softmax(-1)
+
+    def step():
+        liger_core.call("kl_div", log_q, p, reduction="batchmean", impl="triton")[0].backward()
+        log_q.grad = None
+
+    return sweep("kl_div (4096, 128256) fp32", module,
+                 grid(BLOCK=[2048, 4096, 8192], NUM_WARPS=[4, 8], PROGRAMS_PER_SM=[8, 16]), step)  # fmt: skip
+
+
+def jsd():
+    from liger_backends.triton import jsd as module
+
+    log_q = torch.randn(4096, 128256, device="cuda").log_softmax(-1).requires_grad_(True)
+    log_p = torch.randn(4096, 128256, device="cuda").log_softmax(-1)
+
+    def step():
+        liger_core.call("jsd", log_q, log_p, None, impl="triton")[0].backward()
+        log_q.grad = None
+
+    return sweep("jsd (4096, 128256) fp32", module,
+                 grid(TILE=[4096, 8192, 16384], NUM_WARPS=[4, 8, 16]), step)  # fmt: skip
+
+
+def fused_linear_cross_entropy():
+    from liger_backends.triton import fused_linear_cross_entropy as module
+
+    x = torch.randn(8192, 4096, device="cuda", dtype=BF16, requires_grad=True)
+    w = (torch.randn(128256, 4096, device="cuda", dtype=BF16) * 4096**-0.5).requires_grad_(True)
+    target = torch.randint(0, 128256, (8192,), device="cuda")
+
+    def step():
+        liger_core.call("fused_linear_cross_entropy", x, w, target, None, None, impl="triton")[0].backward()
+        x.grad = w.grad = None
+
+    settings = [{"CHUNK_BYTES": {"cuda": mib << 20, "cpu": 64 << 10}} for mib in (64, 128, 256, 512, 1024)]
+    return sweep("fused_linear_cross_entropy x (8192, 4096) W (128256, 4096)", module, settings, step)
+
+
+def fused_linear_jsd():
+    from liger_backends.triton import fused_linear_jsd as module
+
+    xs = torch.randn(4096, 2048, device="cuda", dtype=BF16, requires_grad=True)
+    ws = (torch.randn(128256, 2048, device="cuda", dtype=BF16) * 2048**-0.5).requires_grad_(True)
+    xt = torch.randn(4096, 4096, device="cuda", dtype=BF16)
+    wt = torch.randn(128256, 4096, device="cuda", dtype=BF16) * 4096**-0.5
+
+    def step():
+        liger_core.call("fused_linear_jsd", xs, ws, xt, wt, None, impl="triton")[0].backward()
+        xs.grad = ws.grad = None
+
+    settings = grid(CHUNK_BYTES=[mib << 20 for mib in (128, 256, 512, 1024)], NUM_WARPS=[8, 16])
+    return sweep("fused_linear_jsd student (4096, 2048) teacher (4096, 4096) V 128256", module, settings, step)
+
+
+def int2():
+    from liger_backends.triton import int2_matmul as module
+
+    rows = []
+    for m, k, n, configs in (
+        (8192, 4096, 4096, [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 256, 64, 8, 3),
+                            (256, 128, 32, 8, 3), (128, 128, 64, 4, 4), (128, 256, 32, 8, 4), (64, 256, 64, 4, 4),
+                            (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
+        (1, 8192, 8192, [(16, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 256, 4, 3), (16, 256, 128, 4, 3),
+                         (16, 64, 256, 4, 4), (16, 32, 256, 2, 4), (16, 128, 64, 4, 4)]),
+    ):  # fmt: skip
+        a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
+        b = torch.randint(0, 256, (k // 4, n), device="cuda", dtype=torch.uint8)
+        expected = module.int2_matmul(a, b)
+        for bm, bn, bk, warps, stages in configs:
+            tiles = -(-m // bm) * -(-n // bn)
+            splits = module.split_k(tiles, k // 4, bk, 132)
+
+            call = functools.partial(module.int2_matmul_tiled, a, b, bm, bn, bk, splits, warps, stages)
+
+            row = {"kernel": f"int2 M {m} K {k} N {n}", "tile": [bm, bn, bk, warps, stages], "splits": splits}
+            try:
+                assert torch.equal(call(), expected), "wrong result"
+                row["ms"] = float(do_bench(call, warmup=50, rep=300, return_mode="median"))
+            except Exception as error:
+                row["error"] = str(error)[:200]
+            rows.append(row)
+        print(f"\nint2 M {m} K {k} N {n} (current tile {module.tile(m)})")
+        for row in sorted((r for r in rows if r["kernel"].endswith(f"N {n}") and str(m) in r["kernel"]),
+                          key=lambda r: r.get("ms", 1e9)):  # fmt: skip
+            print("  ", json.dumps(row))
+    return rows
+
+
+SWEEPS = {
+    "int2": int2,
+    "cross_entropy": cross_entropy,
+    "kl_div": kl_div,
+    "jsd": jsd,
+    "fused_linear_cross_entropy": fused_linear_cross_entropy,
+    "fused_linear_jsd": fused_linear_jsd,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(SWEEPS))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    results = {}
+    for name in args.only.split(","):
+        results[name] = SWEEPS[name]()
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, handle)
+
+
+if __name__ == "__main__":
+    main()
