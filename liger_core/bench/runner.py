@@ -217,7 +217,12 @@ def run(
             if impl == "liger" and not peer:
                 failures[impl] = "not measured: give --peer FOLDER holding the PyPI liger-kernel"
                 continue
-            env = {k: v for k, v in os.environ.items() if not k.startswith("LIGER_KERNEL_")}
+            # No selection overrides leak into a competitor; the cache directory (autotune, CUDA builds) is kept.
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if not k.startswith("LIGER_KERNEL_") or k == "LIGER_KERNEL_CACHE_DIR"
+            }
             if impl == "liger":
                 env["PYTHONPATH"] = os.path.abspath(peer) + os.pathsep + env.get("PYTHONPATH", "")
             child_out = os.path.abspath(f"{out or 'bench'}.{impl.replace(':', '-')}.{round_index}.part.json")
