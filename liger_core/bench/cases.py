@@ -276,7 +276,7 @@ def fused_linear_jsd(rows: int, student_hidden: int, teacher_hidden: int, vocab:
             from liger_kernel.transformers import LigerFusedLinearJSD
 
             loss = LigerFusedLinearJSD(jsd_beta=0.5, temperature=1.0)
-            return _finish(kind, lambda: loss(xs, ws, xt, wt), [xs, ws])
+            return _finish(kind, lambda: loss(xs, ws, xt, wt, None), [xs, ws])
 
         def forward():
             log_q = torch.log_softmax(F.linear(xs, ws).float(), -1)
