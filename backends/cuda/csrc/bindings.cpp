@@ -114,7 +114,8 @@ std::tuple<Tensor, Tensor> rms_norm_backward(const Tensor& dy, const Tensor& x, 
                                       dw_ptr, nullptr, &floats, rows, cols, dy.stride(0), x.stride(0),
                                       static_cast<float>(w_offset), static_cast<int>(casting), dtype, w_dtype, stream),
         "rms_norm backward");
-  Tensor workspace = at::empty({floats}, x.options().dtype(at::kFloat));
+  // At least one float: a null workspace pointer is the size query, so an empty one would skip the launch.
+  Tensor workspace = at::empty({std::max<int64_t>(floats, 1)}, x.options().dtype(at::kFloat));
   check(liger_cuda::rms_norm_backward(dy.data_ptr(), x.data_ptr(), w_ptr, rstd_c.data_ptr<float>(), dx.data_ptr(),
                                       dw_ptr, workspace.data_ptr<float>(), &floats, rows, cols, dy.stride(0),
                                       x.stride(0), static_cast<float>(w_offset), static_cast<int>(casting), dtype,
@@ -184,7 +185,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(const Tensor& dy, const T
                                         rstd_c.data_ptr<float>(), dx.data_ptr(), dw.data_ptr(), db_ptr, nullptr,
                                         &floats, rows, cols, dy.stride(0), x.stride(0), dtype, w_dtype, stream),
         "layer_norm backward");
-  Tensor workspace = at::empty({floats}, x.options().dtype(at::kFloat));
+  // At least one float: a null workspace pointer is the size query, so an empty one would skip the launch.
+  Tensor workspace = at::empty({std::max<int64_t>(floats, 1)}, x.options().dtype(at::kFloat));
   check(liger_cuda::layer_norm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), mean_c.data_ptr<float>(),
                                         rstd_c.data_ptr<float>(), dx.data_ptr(), dw.data_ptr(), db_ptr,
                                         workspace.data_ptr<float>(), &floats, rows, cols, dy.stride(0), x.stride(0),
