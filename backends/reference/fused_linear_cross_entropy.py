@@ -109,13 +109,14 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
             _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, chunk_coefficient, z_coefficient, grads, start, acc)
 
     loss_out, z_out = ce.reduce_rows(torch.cat(ce_rows), torch.cat(z_rows), weight_sum, count, reduction, z_scale)
-    z_loss = z_out.to(x.dtype) if attrs["return_z_loss"] else None
+    loss_dtype = torch.promote_types(x.dtype, torch.float32)  # the loss is fp32, as Hugging Face's
+    z_loss = z_out.to(loss_dtype) if attrs["return_z_loss"] else None
     token_accuracy = predicted = None
     if stats:
         token_accuracy, predicted = ce.token_stats(
             torch.cat(argmaxes), target, target != attrs["ignore_index"], count, attrs
         )
-    outputs = (loss_out.to(x.dtype), z_loss, token_accuracy, predicted)
+    outputs = (loss_out.to(loss_dtype), z_loss, token_accuracy, predicted)
 
     if not needs_grad:
         return outputs, None

@@ -155,8 +155,9 @@ def fused_linear_cross_entropy_forward(
     rows = row_buffers(n_rows, x.device, return_token_accuracy or return_predicted_tokens)
     want = (want_x, want_weight, want_bias) if reduction != "none" else (False, False, False)
     grads = _chunk_loop(x, weight, target, bias, ce_weight, stats, attrs, rows, None, want, accum_dtype)
+    loss_dtype = torch.promote_types(x.dtype, torch.float32)  # the loss is fp32, as Hugging Face's
     loss, z_loss, accuracy = finish(
-        rows, target, stats, x.dtype, ignore_index, reduction, lse_square_scale, return_z_loss, return_token_accuracy
+        rows, target, stats, loss_dtype, ignore_index, reduction, lse_square_scale, return_z_loss, return_token_accuracy
     )
     pred = rows[2] if return_predicted_tokens else None
     empty_index = torch.empty((0,), dtype=torch.int64, device=x.device)

@@ -6,6 +6,11 @@ weight gradient is accumulated in across token chunks; None lets the kernel choo
 triton kernel the weight's dtype, which saves a float32 copy of the weight gradient) and ``use_token_scaling``
 (each row's CE term, not its z-loss, is multiplied by the detached predicted probability of its target, the
 probability after the softcap). Kernels never materialise the whole (BT, V) logits.
+
+Unlike ``cross_entropy`` (which returns its loss in the logits' dtype, as ``F.cross_entropy`` does), the loss and
+z-loss come out in float32 (float64 for float64 inputs) whatever the input dtype: there are no low-precision logits
+here, and the patched Hugging Face forwards must report the loss their unpatched models report (they upcast the
+logits and return a float32 loss; liger-kernel's fused loss is float32 too).
 """
 
 from __future__ import annotations
