@@ -9,6 +9,7 @@ import liger_core
 from liger_core.operators.preference import check_options as check_ranges
 
 from ..transformers._common import check_attr, resolve_impl
+from ..transformers._distributed import gather_dtensors
 
 
 def check_options(op: str, owner: str, **options) -> dict:
@@ -19,8 +20,9 @@ def check_options(op: str, owner: str, **options) -> dict:
 
 
 def run(op: str, inputs: tuple, impl, attrs: dict):
-    """Call the operator and split its outputs into ``(loss, aux)``: every aux entry is detached."""
-    loss, *aux = liger_core.call(op, *inputs, impl=impl, **attrs)
+    """Call the operator and split its outputs into ``(loss, aux)``: every aux entry is detached. DTensor operands
+    (e.g. an FSDP2-sharded lm_head weight) are gathered first (`gather_dtensors`)."""
+    loss, *aux = liger_core.call(op, *gather_dtensors(*inputs), impl=impl, **attrs)
     return loss, tuple(aux)
 
 

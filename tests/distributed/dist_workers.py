@@ -256,6 +256,7 @@ def scenario_dtensor(rank: int, world: int, device) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+    from liger_kernel.chunked_loss import LigerFusedLinearCPOLoss
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss, LigerFusedLinearJSD
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy, liger_fused_linear_jsd
 
@@ -294,6 +295,10 @@ def scenario_dtensor(rank: int, world: int, device) -> dict:
             "x_grad": x.grad.detach().cpu(),
         }
 
+    def cpo(x, w, target):
+        # 2 sequences of 4 tokens (chosen, rejected); truth: the same loss with a plain weight
+        return LigerFusedLinearCPOLoss()(w, x[:8].reshape(2, 4, hidden), target[:8].reshape(2, 4))[0]
+
     teacher_replicated = distribute_tensor(teacher_weight, mesh, [Replicate()])
     runs = {
         "ce_module": (
@@ -307,6 +312,10 @@ def scenario_dtensor(rank: int, world: int, device) -> dict:
         "jsd_module": (
             lambda x, w: LigerFusedLinearJSD()(x, w, teacher_xs[rank], teacher_replicated),
             lambda r, x, w: _plain_jsd(x, w, teacher_xs[r], teacher_weight),
+        ),
+        "cpo_module": (
+            lambda x, w: cpo(x, w, targets[rank]),
+            lambda r, x, w: cpo(x, w, targets[r]),
         ),
         "jsd_functional": (
             lambda x, w: liger_fused_linear_jsd(x, w, teacher_xs[rank], teacher_replicated, jsd_beta=0.5),

@@ -107,7 +107,7 @@ def dtensor_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("placement", ["S(0)", "R"])
-@pytest.mark.parametrize("call", ["ce_module", "ce_functional", "jsd_module", "jsd_functional"])
+@pytest.mark.parametrize("call", ["ce_module", "ce_functional", "jsd_module", "jsd_functional", "cpo_module"])
 def test_fused_linear_losses_take_dtensor_weights(dtensor_results, call, placement):
     for rank, result in enumerate(dtensor_results):
         case = result[(call, placement)]
