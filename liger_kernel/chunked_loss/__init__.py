@@ -10,10 +10,14 @@ from .functional import (
 )
 from .orpo_loss import LigerFusedLinearORPOLoss
 from .simpo_loss import LigerFusedLinearSimPOLoss
+from .unsupported import LigerFusedLinearGRPOLoss, LigerFusedLinearJSDLoss, LigerFusedLinearKTOLoss
 
 __all__ = [
     "LigerFusedLinearCPOLoss",
     "LigerFusedLinearDPOLoss",
+    "LigerFusedLinearGRPOLoss",
+    "LigerFusedLinearJSDLoss",
+    "LigerFusedLinearKTOLoss",
     "LigerFusedLinearORPOLoss",
     "LigerFusedLinearSimPOLoss",
     "liger_fused_linear_cpo",

@@ -609,3 +609,12 @@ def test_bad_inputs_name_the_argument():
         dpo(w, x, target, b, ref[0], ref[1][:, :4], None)
     with pytest.raises(ValueError, match=r"'nll_target' must have shape \(4, 7\)"):
         LigerFusedLinearORPOLoss()(w, x, target, b, target[:2])
+
+
+@pytest.mark.parametrize("name", ["LigerFusedLinearGRPOLoss", "LigerFusedLinearKTOLoss", "LigerFusedLinearJSDLoss"])
+def test_losses_trl_imports_but_we_do_not_implement_exist_and_refuse_clearly(name):
+    # TRL imports these at module level when a liger_kernel is installed: the import must work, building must not.
+    import liger_kernel.chunked_loss as chunked_loss
+
+    with pytest.raises(NotImplementedError, match=rf"{name} is not implemented.*LigerFusedLinearDPOLoss"):
+        getattr(chunked_loss, name)(beta=0.1)
