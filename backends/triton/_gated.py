@@ -158,24 +158,40 @@ def gated_forward(a: torch.Tensor, b: torch.Tensor, activation: int) -> torch.Te
     return y
 
 
-def gated_backward(
-    dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy, a, b: (rows, I) with unit column stride. Returns da and db, fresh and contiguous, in a's dtype (never
-    written into dy, a or b: API.md's in-place rule cannot be checked here)."""
+def _launch_backward(dy, a, b, da, db, activation: int) -> None:
+    """Writes da and db ((rows, I), unit column stride, one row stride for both) from dy, a and b. Each element is
+    read before the same program writes it, so da and db may be a and b themselves."""
     n_rows, n_cols = a.shape
-    da = torch.empty((n_rows, n_cols), dtype=a.dtype, device=a.device)
-    db = torch.empty((n_rows, n_cols), dtype=b.dtype, device=a.device)
-    if da.numel() == 0:
-        return da, db
-    (rows, cols), grid, col_blocks, options = _layout(n_rows, n_cols, dy, a, b)
+    if a.numel() == 0:
+        return
+    (rows, cols), grid, col_blocks, options = _layout(n_rows, n_cols, dy, a, b, da, db)
     _launch(gated_backward_kernel)[grid](
         dy, a, b, da, db,
         rows, cols, col_blocks,
         dy.stride(0), a.stride(0), b.stride(0), da.stride(0),
         ACTIVATION=activation, **options,
     )  # fmt: skip
+
+
+def gated_backward(
+    dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy, a, b: (rows, I) with unit column stride. Returns da and db, fresh and contiguous, in a's dtype."""
+    da = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    db = torch.empty(b.shape, dtype=b.dtype, device=a.device)
+    _launch_backward(dy, a, b, da, db, activation)
     return da, db
+
+
+def gated_backward_into_inputs(
+    dy: torch.Tensor, a: torch.Tensor, b: torch.Tensor, activation: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same, written over a and b (handed over by the caller: one row stride, no overlap), whose versions are
+    bumped so that any other autograd user of them errors. Eager only."""
+    _launch_backward(dy, a, b, a, b, activation)
+    torch.autograd.graph.increment_version(a)
+    torch.autograd.graph.increment_version(b)
+    return a, b
 
 
 gated_forward_op = torch.library.triton_op("liger_triton::gated_forward", mutates_args=())(gated_forward)
@@ -192,11 +208,19 @@ def make_forward(op: str):
         a, b = inputs
         shape = a.shape
         if a.numel() == 0:
-            return (torch.empty(shape, dtype=a.dtype, device=a.device),), ((a, b, shape) if needs_grad else None)
+            return (torch.empty(shape, dtype=a.dtype, device=a.device),), ((a, b, shape, False) if needs_grad else None)
         a2d, b2d = _rows(a, shape[-1]), _rows(b, shape[-1])
         launcher = gated_forward_op if torch.compiler.is_compiling() else gated_forward
         y = launcher(a2d, b2d, activation)
-        return (y.view(shape),), ((a2d, b2d, shape) if needs_grad else None)
+        # Gradients into a's and b's storage (see the operator's in_place): eagerly only, and only where one row
+        # stride serves both and they do not overlap (two halves of one projection do not).
+        into_inputs = (
+            attrs.get("in_place", False)
+            and not torch.compiler.is_compiling()
+            and a2d.stride(0) == b2d.stride(0)
+            and a2d.data_ptr() != b2d.data_ptr()
+        )
+        return (y.view(shape),), ((a2d, b2d, shape, into_inputs) if needs_grad else None)
 
     return forward
 
@@ -205,7 +229,7 @@ def make_backward(op: str):
     activation = ACTIVATIONS[op]
 
     def backward(saved: tuple, grad_outputs: tuple):
-        a2d, b2d, shape = saved
+        a2d, b2d, shape, into_inputs = saved
         dy = grad_outputs[0]
         if dy is None:
             return None, None
@@ -213,7 +237,10 @@ def make_backward(op: str):
             return torch.zeros(shape, dtype=a2d.dtype, device=a2d.device), torch.zeros(
                 shape, dtype=b2d.dtype, device=b2d.device
             )
-        launcher = gated_backward_op if torch.compiler.is_compiling() else gated_backward
+        if torch.compiler.is_compiling():
+            launcher = gated_backward_op
+        else:
+            launcher = gated_backward_into_inputs if into_inputs else gated_backward
         da, db = launcher(_rows(dy, shape[-1]), a2d, b2d, activation)
         return da.view(shape), db.view(shape)
 

@@ -1,10 +1,17 @@
-"""What the gated-activation operators (swiglu, geglu) share: ``y = act(a) * b`` elementwise, same-shape inputs."""
+"""What the gated-activation operators (swiglu, geglu) share: ``y = act(a) * b`` elementwise, same-shape inputs.
+
+``in_place=True`` says the caller hands a and b over (API.md's in-place rule): they are its own intermediates that
+nothing else reads after the backward, as the gate and up projections inside our MLP modules are. A kernel may then
+write da and db into their storage instead of allocating two more (rows, I) buffers, and bumps their versions, so
+any other autograd user of them gets PyTorch's "modified by an inplace operation" error, never a wrong gradient.
+Kernels are free to ignore it (the reference does); the functional ``liger_swiglu(a, b)`` never sets it.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..spec import InputSpec, OpSpec, OutputSpec
+from ..spec import AttrSpec, InputSpec, OpSpec, OutputSpec
 from ._common import bucket, randn, require_dim, require_float, require_same_device, tensor_key
 
 # (rows..., intermediate): tiny has an odd width; small and llama8b are (BT, I).
@@ -49,6 +56,7 @@ def gated_spec(op: str) -> OpSpec:
     return OpSpec(
         name=op,
         inputs=(InputSpec(name="a", differentiable=True), InputSpec(name="b", differentiable=True)),
+        attrs=(AttrSpec(name="in_place", type="bool", default=False),),
         outputs=(OutputSpec(name="y"),),
         check=make_check(op),
         key_fn=key,

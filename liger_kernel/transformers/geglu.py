@@ -44,4 +44,6 @@ class LigerGEGLUMLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(liger_core.call("geglu", self.gate_proj(x), self.up_proj(x), impl=self.impl))
+        # The projections' outputs are ours alone: handed over, so the gradients may reuse their storage.
+        gate = self.gate_proj(x)
+        return self.down_proj(liger_core.call("geglu", gate, self.up_proj(x), impl=self.impl, in_place=True))

@@ -40,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import liger_core
+
 from . import _hf_forward
-from .functional import liger_swiglu
 from .geglu import LigerGEGLUMLP
 from .rms_norm import LigerRMSNorm, LigerRMSNormForGemma, LigerRMSNormForGemma2
 from .rope import liger_rotary_pos_emb
@@ -60,7 +61,8 @@ def liger_phi3_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim: 
 def _liger_apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
     """The experts' gating ``silu(gate) * up`` on the ``[gate; up]`` halves of the fused projection, by our SwiGLU."""
     gate, up = gate_up_out.chunk(2, dim=-1)
-    return liger_swiglu(gate, up)
+    # gate_up_out is the experts' own intermediate: handed over, so the gradients may reuse its storage
+    return liger_core.call("swiglu", gate, up, in_place=True)
 
 
 def _experts_forward(base: type):

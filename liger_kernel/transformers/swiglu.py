@@ -50,7 +50,9 @@ class LigerSwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(self.intermediate_size, self.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(liger_core.call("swiglu", self.gate_proj(x), self.up_proj(x), impl=self.impl))
+        # The projections' outputs are ours alone: handed over, so the gradients may reuse their storage.
+        gate = self.gate_proj(x)
+        return self.down_proj(liger_core.call("swiglu", gate, self.up_proj(x), impl=self.impl, in_place=True))
 
 
 class LigerPhi3SwiGLUMLP(nn.Module):
@@ -77,4 +79,4 @@ class LigerPhi3SwiGLUMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(liger_core.call("swiglu", gate, up, impl=self.impl))
+        return self.down_proj(liger_core.call("swiglu", gate, up, impl=self.impl, in_place=True))
