@@ -70,3 +70,19 @@ def test_plot_draws_the_swept_cases(tmp_path):
     written = runner.plot(str(path))
     assert len(written) == 1 and written[0].endswith("-rms_norm-hidden.png")
     assert open(written[0], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_autotuning_time_is_reported_apart_from_the_medians(tmp_path, monkeypatch):
+    # On the CPU, LIGER_KERNEL_AUTOTUNE=1 makes automatic selection time the test plugin's two fp32 rms_norm kernels.
+    monkeypatch.setenv("LIGER_KERNEL_AUTOTUNE", "1")
+    monkeypatch.setattr(cases, "BF16", torch.float32)
+    monkeypatch.setenv("LIGER_KERNEL_CACHE_DIR", str(tmp_path / "cache"))
+    row = runner.measure_case(cases.rms_norm(5, 33, "small"), "ours", torch.device("cpu"))
+    assert "error" not in row, row.get("traceback")
+    assert 0 < row["tuning_ms"] < row["first_call_ms"]
+    again = runner.measure_case(cases.rms_norm(5, 33, "small"), "ours", torch.device("cpu"))
+    assert again["tuning_ms"] == 0  # the decision is remembered
+    summary = {"impls": ["ours"], "cases": [{"name": row["case"], "op": "rms_norm", "group": "small",
+               "ideal_bytes": 1, "flops": 0}], "rows": [row], "device": "cpu", "date": "today", "torch": "x",
+               "liger_core": "y", "rounds": 1}  # fmt: skip
+    assert "Autotuning (one-off" in runner.markdown(summary)
