@@ -7,8 +7,9 @@ logits these operators exist to avoid, so these kernels have their own backward:
 1. forward, pass one (tiled): each token's logsumexp, target logit (and nll_target logit) and logits row sum, in
    fp32 (fp64 for fp64 inputs); the reference model's pass runs the same way under ``torch.no_grad``;
 2. forward, on those per-sequence values only: the pairwise loss, and its derivative with respect to each
-   sequence's log-prob by ``torch.func.vjp`` (tiny tensors; works inside the autograd bridge and under
-   torch.compile, where ``torch.autograd.grad`` does not). That gives d loss / d token log-prob per token;
+   sequence's log-prob by ``torch.func.jvp`` (`pair_loss_and_slopes`: tiny tensors; works inside the autograd
+   bridge, under torch.compile, where ``torch.autograd.grad`` does not, and under saved-tensor hooks, where
+   ``torch.func.vjp`` does not). That gives d loss / d token log-prob per token;
 3. backward, pass two (tiled, recomputing each tile's logits): with ``p = softmax(z)`` and ``coef`` the derivative
    of the loss with respect to a token's target log-prob, ``d loss / dz = coef·(onehot(target) − p)`` (plus the NLL
    term's, against nll_target), then ``grad_x = dz @ W``, ``grad_W = Σ dzᵀ x``, ``grad_bias = Σ dz``, all scaled by
@@ -154,6 +155,22 @@ def _plain_rewards(c, r, ref_c, ref_r, attrs):
 # -- forward and backward ----------------------------------------------------------------------------------------
 
 
+def pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs):
+    """The mean over pairs of the preference loss and its derivatives with respect to c and r. Forward mode
+    (torch.func.jvp): unlike torch.func.vjp it works under saved-tensor hooks (activation offloading, e.g.
+    torch.autograd.graph.save_on_cpu) and, unlike torch.autograd.grad, under torch.compile. Pair i's loss depends on
+    c[i] and r[i] only, so one tangent of ones gives every pair's partial derivative at once."""
+
+    def per_pair(chosen, rejected):
+        return pairs_fn(chosen, rejected, ref_c, ref_r, attrs)
+
+    ones, zeros = torch.ones_like(c), torch.zeros_like(c)
+    losses, d_chosen = torch.func.jvp(per_pair, (c, r), (ones, zeros))
+    _, d_rejected = torch.func.jvp(per_pair, (c, r), (zeros, ones))
+    pairs = c.shape[0]
+    return losses.mean(), d_chosen / pairs, d_rejected / pairs
+
+
 def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
     def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         x, weight, target, bias = inputs[:4]
@@ -200,14 +217,10 @@ def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
         nll_count = chosen_counted.sum().clamp_min(1).to(wide)
         nll = -nll_token_logp[:pairs].sum() / nll_count
 
-        def mean_pair_loss(chosen, rejected):
-            return pairs_fn(chosen, rejected, ref_c, ref_r, attrs).mean()
-
         if needs_grad:
-            preference, vjp = torch.func.vjp(mean_pair_loss, c, r)
-            d_chosen, d_rejected = vjp(torch.ones_like(preference))
+            preference, d_chosen, d_rejected = pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs)
         else:
-            preference = mean_pair_loss(c, r)
+            preference = pairs_fn(c, r, ref_c, ref_r, attrs).mean()
         loss = preference + alpha * nll if alpha != 0.0 else preference
         extras = extras_fn(c, r, ref_c, ref_r, attrs)
         chosen_logits_mean = row_sum[: pairs * length].sum() / (pairs * length * vocab)

@@ -9,7 +9,8 @@ logits, a Triton row kernel for the log-sum-exp), which never holds more than on
    logits row sum; the reference model's pass (DPO with use_ref_model) runs the same way without any autograd graph;
 2. the pairwise loss, the NLL and the aux outputs are plain PyTorch on (B,)-sized per-sequence values, with the loss
    functions of the reference backend; d loss / d (sequence log-prob) comes from ``torch.func.jvp`` on those tiny
-   tensors (see _pair_loss_and_slopes), which gives d loss / d token log-prob per row (the NLL's coefficient added);
+   tensors (the reference backend's ``pair_loss_and_slopes``), which gives d loss / d token log-prob per row (the
+   NLL's coefficient added);
 3. backward: those coefficients, times the incoming gradient, drive the recomputing backward of the pass.
 
 Logits are computed in the input dtype (fp32 accumulation inside the GEMM), softmax math in fp32. No host
@@ -31,27 +32,12 @@ from ..reference.preference import (
     _plain_rewards,
     _sequence_logps,
     _simpo_pairs,
+    pair_loss_and_slopes,
 )
 from ._target_logprobs import backward_pass, forward_pass
 from .rms_norm import DTYPES
 
 DPO, ORPO = "fused_linear_dpo", "fused_linear_orpo"
-
-
-def _pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs):
-    """The mean over pairs of the preference loss and its derivatives with respect to c and r. Forward mode
-    (torch.func.jvp): unlike torch.func.vjp it works under saved-tensor hooks (activation offloading, e.g.
-    torch.autograd.graph.save_on_cpu) and, unlike torch.autograd.grad, under torch.compile. Pair i's loss depends on
-    c[i] and r[i] only, so one tangent of ones gives every pair's partial derivative at once."""
-
-    def per_pair(chosen, rejected):
-        return pairs_fn(chosen, rejected, ref_c, ref_r, attrs)
-
-    ones, zeros = torch.ones_like(c), torch.zeros_like(c)
-    losses, d_chosen = torch.func.jvp(per_pair, (c, r), (ones, zeros))
-    _, d_rejected = torch.func.jvp(per_pair, (c, r), (zeros, ones))
-    pairs = c.shape[0]
-    return losses.mean(), d_chosen / pairs, d_rejected / pairs
 
 
 def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
@@ -89,7 +75,7 @@ def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
         nll = -nll_token_logp[:pairs].sum() / nll_count
 
         if needs_grad:
-            preference, d_chosen, d_rejected = _pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs)
+            preference, d_chosen, d_rejected = pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs)
         else:
             preference = pairs_fn(c, r, ref_c, ref_r, attrs).mean()
         loss = preference + alpha * nll if alpha != 0.0 else preference

@@ -618,3 +618,30 @@ def test_losses_trl_imports_but_we_do_not_implement_exist_and_refuse_clearly(nam
 
     with pytest.raises(NotImplementedError, match=rf"{name} is not implemented.*LigerFusedLinearDPOLoss"):
         getattr(chunked_loss, name)(beta=0.1)
+
+
+@pytest.mark.parametrize("op", ["fused_linear_dpo", "fused_linear_orpo", "fused_linear_cpo", "fused_linear_simpo"])
+def test_reference_kernels_work_under_saved_tensor_hooks(op):
+    # Activation offloading (TRL's, or torch.autograd.graph.save_on_cpu) installs saved-tensor hooks, under which
+    # torch.func.vjp refuses to run: the per-pair derivatives come from jvp instead.
+    import liger_core
+    from liger_core.registry import get_registry
+
+    spec = get_registry().operator(op)
+
+    def gradients(offload: bool):
+        inputs, attrs = spec.make_inputs("cpu", torch.float32, "tiny", 3)
+        inputs = tuple(
+            t.requires_grad_(True) if isinstance(t, torch.Tensor) and i in spec.differentiable_inputs else t
+            for i, t in enumerate(inputs)
+        )
+        wrt = [t for i, t in enumerate(inputs) if i in spec.differentiable_inputs and isinstance(t, torch.Tensor)]
+        if offload:
+            with torch.autograd.graph.save_on_cpu():
+                loss = liger_core.call(op, *inputs, impl="reference", **attrs)[0]
+        else:
+            loss = liger_core.call(op, *inputs, impl="reference", **attrs)[0]
+        return torch.autograd.grad(loss, wrt)
+
+    for got, expected in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -118,14 +118,10 @@ def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
         nll_count = chosen_counted.sum().clamp_min(1).to(wide)
         nll = -nll_token_logp[:pairs].sum() / nll_count
 
-        def mean_pair_loss(chosen, rejected):
-            return pairs_fn(chosen, rejected, ref_c, ref_r, attrs).mean()
-
         if needs_grad:
-            preference, vjp = torch.func.vjp(mean_pair_loss, c, r)
-            d_chosen, d_rejected = vjp(torch.ones_like(preference))
+            preference, d_chosen, d_rejected = reference.pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs)
         else:
-            preference = mean_pair_loss(c, r)
+            preference = pairs_fn(c, r, ref_c, ref_r, attrs).mean()
         loss = preference + alpha * nll if alpha != 0.0 else preference
         extras = extras_fn(c, r, ref_c, ref_r, attrs)
         chosen_logits_mean = row_sum[: pairs * length].sum() / (pairs * length * vocab)
