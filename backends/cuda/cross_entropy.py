@@ -84,7 +84,7 @@ def scale(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
     """grad (our own buffer) times upstream (a scalar, or one value per row), in place when eager."""
     if compiling():
         factor = upstream.reshape(-1, 1) if upstream.dim() > 0 else upstream
-        return (grad * factor).to(grad.dtype)
+        return (grad.float() * factor.float()).to(grad.dtype)  # fp32 product, as eagerly (Inductor fuses it)
     ext().cross_entropy_scale_(grad, upstream)
     torch.autograd.graph.increment_version(grad)
     return grad

@@ -48,7 +48,7 @@ def scale_in_place(buffer: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor
     per_row = upstream.dim() > 0
     if torch.compiler.is_compiling():
         factor = upstream.reshape(-1, *([1] * (buffer.dim() - 1))) if per_row else upstream
-        return (buffer * factor).to(buffer.dtype)
+        return (buffer.float() * factor.float()).to(buffer.dtype)  # fp32 product, as eagerly (Inductor fuses it)
     numel = buffer.numel()
     if numel == 0:
         return buffer

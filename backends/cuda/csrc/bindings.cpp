@@ -363,10 +363,12 @@ void cross_entropy_scale_(const Tensor& grad, const Tensor& upstream) {
   TORCH_CHECK(grad.is_contiguous(), "liger_cuda: the gradient buffer must be contiguous");
   const c10::DeviceGuard guard(grad.device());
   const bool per_row = upstream.dim() > 0;
-  const Tensor u = upstream.to(grad.scalar_type()).contiguous();
+  // The factor stays fp32 (as the triton backend's): rounded to an fp16 gradient's dtype, a GradScaler scale of
+  // 65536 would become inf, and in bf16 a factor near 1 would round to exactly 1 and be skipped.
+  const Tensor u = upstream.to(at::kFloat).contiguous();
   const int64_t vocab = grad.dim() == 2 ? grad.size(1) : 1;
   TORCH_CHECK(!per_row || u.numel() * vocab == grad.numel(), "liger_cuda: one upstream value per row expected");
-  check(liger_cuda::cross_entropy_scale_rows(grad.data_ptr(), u.data_ptr(), grad.numel(), vocab, per_row,
+  check(liger_cuda::cross_entropy_scale_rows(grad.data_ptr(), u.data_ptr<float>(), grad.numel(), vocab, per_row,
                                              dtype_code(grad.scalar_type(), "grad"), current_stream(grad)),
         "cross_entropy backward");
 }

@@ -270,11 +270,11 @@ __global__ void __launch_bounds__(kStatsThreads) reduce_kernel(CrossEntropyArgs 
 
 template <typename T>
 __global__ void __launch_bounds__(kScaleThreads)
-    scale_kernel(T* __restrict__ grad, const T* __restrict__ upstream, int64_t numel, int64_t vocab, bool per_row) {
+    scale_kernel(T* __restrict__ grad, const float* __restrict__ upstream, int64_t numel, int64_t vocab, bool per_row) {
   constexpr int kVec = vector_width<T>();  // numel is padded by nothing: the tail is handled element by element
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
   if (!per_row) {
-    const float g = to_float(upstream[0]);
+    const float g = upstream[0];  // fp32: an fp16 GradScaler factor of 65536 stays finite
     if (g == 1.f) return;  // the whole grid agrees: nothing to do
     if (first + kVec <= numel) {
       float v[kVec];
@@ -288,7 +288,7 @@ __global__ void __launch_bounds__(kScaleThreads)
     return;
   }
   for (int64_t i = first; i < first + kVec && i < numel; ++i) {
-    const float g = to_float(upstream[i / vocab]);
+    const float g = upstream[i / vocab];
     if (g != 1.f) grad[i] = from_float<T>(to_float(grad[i]) * g);
   }
 }
@@ -330,7 +330,7 @@ Status cross_entropy_forward(const CrossEntropyArgs& args, void* stream) {
   });
 }
 
-Status cross_entropy_scale_rows(void* grad, const void* upstream, int64_t numel, int64_t vocab, bool per_row,
+Status cross_entropy_scale_rows(void* grad, const float* upstream, int64_t numel, int64_t vocab, bool per_row,
                                 int dtype, void* stream) {
   if (numel == 0) return nullptr;
   if (!aligned16(grad)) return "liger_cuda: the cross_entropy gradient buffer is not 16-byte aligned";
@@ -339,7 +339,7 @@ Status cross_entropy_scale_rows(void* grad, const void* upstream, int64_t numel,
     const int64_t threads_needed = ceil_div(numel, vector_width<T>());
     const unsigned grid = static_cast<unsigned>(ceil_div(threads_needed, kScaleThreads));
     scale_kernel<T><<<grid, kScaleThreads, 0, as_stream(stream)>>>(static_cast<T*>(grad),
-                                                                    static_cast<const T*>(upstream), numel, vocab,
+                                                                    upstream, numel, vocab,
                                                                     per_row);
     return last_error();
   });

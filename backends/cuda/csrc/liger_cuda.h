@@ -92,8 +92,8 @@ struct CrossEntropyArgs {
 Status cross_entropy_forward(const CrossEntropyArgs& args, void* stream);
 
 // grad (numel elements, contiguous, rows of vocab) *= upstream: a scalar (per_row false) or one value per row, of
-// dtype. Blocks whose factors are all exactly 1 are left untouched.
-Status cross_entropy_scale_rows(void* grad, const void* upstream, int64_t numel, int64_t vocab, bool per_row,
+// fp32 (never rounded to the gradient's dtype). Blocks whose factors are all exactly 1 are left untouched.
+Status cross_entropy_scale_rows(void* grad, const float* upstream, int64_t numel, int64_t vocab, bool per_row,
                                 int dtype, void* stream);
 
 // -- embedding ------------------------------------------------------------------------------------------------------
