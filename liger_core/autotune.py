@@ -20,6 +20,7 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -117,8 +118,6 @@ def _store(path: Path, device: torch.device, k: str, record: dict) -> None:
                 json.dump(payload, tmp, indent=1, sort_keys=True)
             os.replace(tmp.name, path)
     except OSError as error:  # a read-only home must not stop training: keep the decision in memory
-        import warnings
-
         warnings.warn(f"liger_kernel: could not write the autotune cache {path}: {error}", RuntimeWarning, stacklevel=2)
 
 
@@ -139,15 +138,29 @@ def choose(
         return winner
     global tuning_seconds
     started = time.perf_counter()
-    times = {name: time_kernel(spec, name, inputs, attrs, device) for name in candidates}
+    times, failures = {}, {}
+    for name in candidates:
+        try:
+            times[name] = time_kernel(spec, name, inputs, attrs, device)
+        except Exception as error:  # a candidate that cannot run here must not take the user's call down with it
+            failures[name] = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"liger_kernel: autotuning {spec.name}: backend {name!r} failed and is left out of this decision: "
+                f"{failures[name]}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     tuning_seconds += time.perf_counter() - started
-    winner = min(candidates, key=lambda name: (times[name], candidates.index(name)))
+    if not times:
+        raise RuntimeError(f"liger_kernel: autotuning {spec.name}: every candidate failed: {failures}")
+    winner = min(times, key=lambda name: (times[name], candidates.index(name)))
     record = {
         "op": spec.name,
         "device": device_name(device),
         "key": repr(spec.key(inputs, attrs)),
         "candidates": sorted(candidates),
         "times_ms": {name: round(t * 1e3, 6) for name, t in times.items()},
+        "failed": failures,
         "winner": winner,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

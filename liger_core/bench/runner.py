@@ -242,7 +242,9 @@ def run(
                 )
                 returncode, stderr = done.returncode, done.stderr
             except subprocess.TimeoutExpired as error:
-                returncode, stderr = -1, f"timed out after {child_timeout} s\n{error.stderr or ''}"
+                # the captured output of a killed child comes back as bytes even with text=True
+                partial = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr
+                returncode, stderr = -1, f"timed out after {child_timeout} s\n{partial or ''}"
             if returncode != 0:
                 failures[impl] = (stderr or "")[-3000:]
                 print(f"{impl} failed:\n{failures[impl]}", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import liger_core
@@ -104,3 +105,20 @@ def test_unwritable_cache_directory_warns_and_keeps_the_decision(monkeypatch, tm
 
     with pytest.warns(RuntimeWarning, match="could not write the autotune cache"):
         assert liger_core.select_backend("rms_norm", *inputs()) == "testplug"
+
+
+def test_a_candidate_that_fails_while_timed_is_left_out_with_a_warning(monkeypatch):
+    monkeypatch.setenv("LIGER_KERNEL_AUTOTUNE", "1")
+    real_time_kernel = autotune.time_kernel
+
+    def time_kernel(spec, backend, *args):
+        if backend == "testplug":
+            raise RuntimeError("cannot run under these saved-tensor hooks")
+        return real_time_kernel(spec, backend, *args)
+
+    monkeypatch.setattr(autotune, "time_kernel", time_kernel)
+    x, w = inputs()
+    with pytest.warns(RuntimeWarning, match="backend 'testplug' failed and is left out"):
+        assert liger_core.select_backend("rms_norm", x, w) == "testslow"
+    (record,) = [r for r in autotune.cached_decisions() if r["op"] == "rms_norm"]
+    assert "cannot run" in record["failed"]["testplug"] and record["winner"] == "testslow"

@@ -71,11 +71,12 @@ class CompiledFunction:
         if torch.compiler.is_compiling():
             return self.math(args, static)
         key = self.signature(args, static)
-        compiled = self._compiled.get(key)
+        with self._lock:  # the lookup, the reordering and _create's eviction must not interleave across threads
+            compiled = self._compiled.get(key)
+            if compiled is not None:
+                self._compiled.move_to_end(key)
         if compiled is None:
             compiled = self._create(key)
-        else:
-            self._compiled.move_to_end(key)
         return compiled(self.math, self._marked(args), static)
 
     def signature(self, args: tuple, static: dict) -> tuple:
@@ -83,7 +84,8 @@ class CompiledFunction:
         return described, tuple(static.items()), torch.is_grad_enabled()
 
     def signatures(self) -> list[tuple]:
-        return list(self._compiled)
+        with self._lock:
+            return list(self._compiled)
 
     def _create(self, key: tuple) -> Callable:
         with self._lock:
