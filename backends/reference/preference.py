@@ -171,7 +171,12 @@ def pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs):
     return losses.mean(), d_chosen / pairs, d_rejected / pairs
 
 
-def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
+def make_forward(op: str, pairs_fn, extras_fn, always_average: bool, token_pass=None):
+    """The forward of one of the four operators. ``token_pass`` computes pass one (see the module docstring; the
+    signature of `_token_pass`, the default): another backend (the inductor plugin) brings a compiled one and
+    shares everything else."""
+    token_pass = token_pass or _token_pass
+
     def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         x, weight, target, bias = inputs[:4]
         ref_input = ref_weight = ref_bias = nll_target = None
@@ -193,14 +198,14 @@ def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
             gathers.append(nll_safe)
         else:
             nll_safe, nll_counted, nll_in_range = safe, counted, in_range
-        lse, row_sum, picked = _token_pass(x, weight, bias, gathers, wide)
+        lse, row_sum, picked = token_pass(x, weight, bias, gathers, wide)
         token_logp = _token_logps(picked[0], lse, counted, in_range, (sequences, length))
         logps, denominator = _sequence_logps(token_logp, counted, average)
         c, r = logps[:pairs], logps[pairs:]
 
         if ref_input is not None:
             with torch.no_grad():
-                ref_lse, _, ref_picked = _token_pass(ref_input, ref_weight, ref_bias, [safe], wide)
+                ref_lse, _, ref_picked = token_pass(ref_input, ref_weight, ref_bias, [safe], wide)
                 ref_token_logp = _token_logps(ref_picked[0], ref_lse, counted, in_range, (sequences, length))
                 ref_logps, _ = _sequence_logps(ref_token_logp, counted, average)
             ref_c, ref_r = ref_logps[:pairs], ref_logps[pairs:]
@@ -295,7 +300,7 @@ def backward(saved: tuple, grad_outputs: tuple):
 def _kernel(op: str, pairs_fn, extras_fn, always_average: bool) -> KernelSpec:
     return KernelSpec(
         op=op,
-        forward=_make_forward(op, pairs_fn, extras_fn, always_average),
+        forward=make_forward(op, pairs_fn, extras_fn, always_average),
         backward=backward,
         dtypes=FLOAT_DTYPES + (torch.float64,),
     )

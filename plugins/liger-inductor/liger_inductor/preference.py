@@ -8,9 +8,10 @@ passes); only the two passes over (rows, V) logits, where the time goes, are com
 2. backward, per tile (`GRADIENT_PASS`): the logits again, ``d loss / dz = coef·(onehot(target) − p)``, the tile's
    input gradient and bias gradient; the weight gradient is accumulated outside with an in-place ``addmm_``.
 
-Between them, the per-sequence losses and their derivative run eagerly on (2B,)-sized tensors with the reference's
-functions. A tile holds up to `liger_inductor.compiler.CHUNK_BYTES` of float32 logits; its row count is a dynamic
-dimension, so every tile of every step shares one graph.
+Between them, the per-sequence losses and their derivative run eagerly on (2B,)-sized tensors: the forward is the
+reference's own (`make_forward`), given the compiled pass one. A tile holds up to
+`liger_inductor.compiler.CHUNK_BYTES` of float32 logits; its row count is a dynamic dimension, so every tile of
+every step shares one graph.
 """
 
 from __future__ import annotations
@@ -72,84 +73,6 @@ def _token_pass(x: torch.Tensor, weight: torch.Tensor, bias, gathers: list[torch
     return torch.cat(lse), torch.cat(row_sum), picked_all
 
 
-def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
-    def forward(inputs: tuple, attrs: dict, needs_grad: bool):
-        x, weight, target, bias = inputs[:4]
-        ref_input = ref_weight = ref_bias = nll_target = None
-        if op == "fused_linear_dpo" and attrs["use_ref_model"]:
-            ref_input, ref_weight, ref_bias = inputs[4:]
-        if op == "fused_linear_orpo":
-            nll_target = inputs[4]
-        ignore_index = attrs["ignore_index"]
-        alpha = attrs.get("alpha", 1.0) if attrs["compute_nll_loss"] else 0.0
-        average = always_average or attrs["average_log_prob"]
-        wide = torch.promote_types(x.dtype, torch.float32)
-        sequences, length = x.shape[0], x.shape[1]
-        pairs, vocab = sequences // 2, weight.shape[0]
-
-        safe, counted, in_range = reference._safe_targets(target, vocab, ignore_index)
-        gathers = [safe]
-        if nll_target is not None:
-            nll_safe, nll_counted, nll_in_range = reference._safe_targets(nll_target, vocab, ignore_index)
-            gathers.append(nll_safe)
-        else:
-            nll_safe, nll_counted, nll_in_range = safe, counted, in_range
-        lse, row_sum, picked = _token_pass(x, weight, bias, gathers, wide)
-        token_logp = reference._token_logps(picked[0], lse, counted, in_range, (sequences, length))
-        logps, denominator = reference._sequence_logps(token_logp, counted, average)
-        c, r = logps[:pairs], logps[pairs:]
-
-        if ref_input is not None:
-            with torch.no_grad():
-                ref_lse, _, ref_picked = _token_pass(ref_input, ref_weight, ref_bias, [safe], wide)
-                ref_token_logp = reference._token_logps(ref_picked[0], ref_lse, counted, in_range, (sequences, length))
-                ref_logps, _ = reference._sequence_logps(ref_token_logp, counted, average)
-            ref_c, ref_r = ref_logps[:pairs], ref_logps[pairs:]
-        else:
-            ref_c = ref_r = torch.zeros((), dtype=wide, device=x.device)
-
-        # NLL over the chosen half: summed negative log-prob of its counted tokens over their count.
-        nll_token_logp = (
-            token_logp
-            if nll_target is None
-            else reference._token_logps(picked[1], lse, nll_counted, nll_in_range, (sequences, length))
-        )
-        chosen_counted = nll_counted.view(sequences, length)[:pairs]
-        nll_count = chosen_counted.sum().clamp_min(1).to(wide)
-        nll = -nll_token_logp[:pairs].sum() / nll_count
-
-        if needs_grad:
-            preference, d_chosen, d_rejected = reference.pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs)
-        else:
-            preference = pairs_fn(c, r, ref_c, ref_r, attrs).mean()
-        loss = preference + alpha * nll if alpha != 0.0 else preference
-        extras = extras_fn(c, r, ref_c, ref_r, attrs)
-        chosen_logits_mean = row_sum[: pairs * length].sum() / (pairs * length * vocab)
-        rejected_logits_mean = row_sum[pairs * length :].sum() / (pairs * length * vocab)
-        nll_out = nll if attrs["compute_nll_loss"] else torch.zeros_like(nll)
-
-        out_dtype = x.dtype
-        outputs = (loss.to(out_dtype),) + tuple(
-            t.detach().to(out_dtype) for t in (c, r, chosen_logits_mean, rejected_logits_mean, nll_out, *extras)
-        )
-        if not needs_grad:
-            return outputs, None
-
-        # d loss / d token log-prob, per token (0 at ignored positions).
-        d_sequence = torch.cat([d_chosen, d_rejected]) / denominator
-        coef = torch.where(counted, d_sequence.repeat_interleave(length), torch.zeros_like(lse))
-        nll_coef = torch.where(
-            nll_counted & (torch.arange(sequences * length, device=x.device) < pairs * length),
-            (-alpha / nll_count).expand(sequences * length),
-            torch.zeros_like(lse),
-        )
-        if nll_target is None:
-            coef, nll_coef, nll_safe = coef + nll_coef, None, None
-        return outputs, (x, weight, bias, lse, safe, coef, nll_safe, nll_coef)
-
-    return forward
-
-
 def backward(saved: tuple, grad_outputs: tuple):
     x, weight, bias, lse, safe, coef, nll_safe, nll_coef = saved
     grad_loss = grad_outputs[0]
@@ -189,7 +112,7 @@ def backward(saved: tuple, grad_outputs: tuple):
 def _kernel(op: str, pairs_fn, extras_fn, always_average: bool) -> KernelSpec:
     return KernelSpec(
         op=op,
-        forward=_make_forward(op, pairs_fn, extras_fn, always_average),
+        forward=reference.make_forward(op, pairs_fn, extras_fn, always_average, token_pass=_token_pass),
         backward=backward,
         supports=toolchain_reasons,
         dtypes=FLOAT_DTYPES,
