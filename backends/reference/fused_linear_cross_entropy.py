@@ -71,13 +71,29 @@ def _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, ce_coefficient, z_co
         grad_bias.add_(grad_logits.sum(0))
 
 
+def finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attrs: dict) -> tuple:
+    """(loss, z_loss, token_accuracy, predicted_tokens) from the chunks' per-row terms (and argmaxes when asked).
+    The loss is float32 (float64 for float64 inputs), as Hugging Face's: see the operator's docstring."""
+    loss_out, z_out = ce.reduce_rows(
+        torch.cat(ce_rows), torch.cat(z_rows), weight_sum, count, attrs["reduction"], attrs["lse_square_scale"]
+    )
+    loss_dtype = torch.promote_types(x.dtype, torch.float32)
+    z_loss = z_out.to(loss_dtype) if attrs["return_z_loss"] else None
+    token_accuracy = predicted = None
+    if attrs["return_token_accuracy"] or attrs["return_predicted_tokens"]:
+        token_accuracy, predicted = ce.token_stats(
+            torch.cat(argmaxes), target, target != attrs["ignore_index"], count, attrs
+        )
+    return (loss_out.to(loss_dtype), z_loss, token_accuracy, predicted)
+
+
 def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     x, weight, target, bias, ce_weight = inputs
     ce_weight = None if ce_weight is None else ce_weight.detach()  # no gradient to the class weights
     rows_total, vocab = x.shape[0], weight.shape[0]
     wide = torch.promote_types(x.dtype, torch.float32)
     acc = accumulation_dtype(wide, attrs["accum_dtype"])
-    reduction, z_scale = attrs["reduction"], attrs["lse_square_scale"]
+    reduction = attrs["reduction"]
     weight_sum, count = ce.denominators(target, ce_weight, vocab, attrs["ignore_index"], wide)
 
     # In "mean"/"sum" the forward also computes the gradients for a unit upstream gradient.
@@ -108,15 +124,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
             chunk_coefficient = ce_coefficient if scale is None else ce_coefficient * scale
             _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, chunk_coefficient, z_coefficient, grads, start, acc)
 
-    loss_out, z_out = ce.reduce_rows(torch.cat(ce_rows), torch.cat(z_rows), weight_sum, count, reduction, z_scale)
-    loss_dtype = torch.promote_types(x.dtype, torch.float32)  # the loss is fp32, as Hugging Face's
-    z_loss = z_out.to(loss_dtype) if attrs["return_z_loss"] else None
-    token_accuracy = predicted = None
-    if stats:
-        token_accuracy, predicted = ce.token_stats(
-            torch.cat(argmaxes), target, target != attrs["ignore_index"], count, attrs
-        )
-    outputs = (loss_out.to(loss_dtype), z_loss, token_accuracy, predicted)
+    outputs = finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attrs)
 
     if not needs_grad:
         return outputs, None

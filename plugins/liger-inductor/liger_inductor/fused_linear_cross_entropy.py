@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from liger_backends.reference import cross_entropy as ce
+from liger_backends.reference import fused_linear_cross_entropy as reference
 
 from liger_core.spec import FLOAT_DTYPES, KernelSpec
 
@@ -95,7 +96,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     ce_weight = None if ce_weight is None else ce_weight.detach()  # no gradient to the class weights
     vocab = weight.shape[0]
     wide = torch.promote_types(x.dtype, torch.float32)
-    reduction, z_scale = attrs["reduction"], attrs["lse_square_scale"]
+    reduction = attrs["reduction"]
     weight_sum, count = ce.denominators(target, ce_weight, vocab, attrs["ignore_index"], wide)
 
     # In "mean"/"sum" the forward also computes the gradients for a unit upstream gradient.
@@ -115,15 +116,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         x, weight, bias, target, ce_weight, attrs, want, ce_coefficient, z_coefficient, stats
     )
 
-    loss_out, z_out = ce.reduce_rows(torch.cat(ce_rows), torch.cat(z_rows), weight_sum, count, reduction, z_scale)
-    loss_dtype = torch.promote_types(x.dtype, torch.float32)  # the loss is fp32, as Hugging Face's
-    z_loss = z_out.to(loss_dtype) if attrs["return_z_loss"] else None
-    token_accuracy = predicted = None
-    if stats:
-        token_accuracy, predicted = ce.token_stats(
-            torch.cat(argmaxes), target, target != attrs["ignore_index"], count, attrs
-        )
-    outputs = (loss_out.to(loss_dtype), z_loss, token_accuracy, predicted)
+    outputs = reference.finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attrs)
 
     if not needs_grad:
         return outputs, None
