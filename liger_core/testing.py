@@ -7,16 +7,24 @@ random upstream gradients, so a kernel cannot pass by getting only ``sum()`` rig
 
 Plugin authors call it in one line from their tests::
 
-    from liger_core.testing import assert_conforms
+    from liger_core.testing import assert_conforms, assert_conforms_all, clean_state
     assert_conforms("rms_norm", "mybackend", torch.bfloat16, device="cuda", size="small")
+    assert_conforms_all("rms_norm", "mybackend", device="cuda")  # every dtype and case the operator lists
+
+and isolate each test with ``clean_state`` (no forcing variable, an empty selection memo, its own autotune cache).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from . import autotune, dispatch
 from .dispatch import call, run_kernel
 from .registry import get_registry
 
@@ -167,3 +175,51 @@ def assert_conforms(op: str, backend: str, dtype: torch.dtype, **kwargs) -> Conf
     if not result.passed:
         raise AssertionError(result.report())
     return result
+
+
+def declines(
+    op: str, backend: str, dtype: torch.dtype, *, device: str | torch.device = "cpu", size: str = "tiny", attrs=None
+) -> list[str]:
+    """Why `backend` would not serve `op` on the inputs `check_conformance` makes for these arguments (empty when
+    it serves them): availability, device, dtype, capability and the kernel's own ``supports``."""
+    spec = get_registry().operator(op)
+    inputs, made_attrs = spec.make_inputs(device, dtype, size, 0, **(attrs or {}))
+    return dispatch._reasons(spec, backend, *spec.bind(inputs, made_attrs), forced=True)
+
+
+def assert_conforms_all(
+    op: str, backend: str, *, dtypes=None, device: str | torch.device = "cpu", size: str = "tiny", seed: int = 0
+) -> list[tuple[torch.dtype, dict, list[str]]]:
+    """`assert_conforms` for every dtype (default: the operator's) and every case the operator lists. Cases the
+    backend declines are not run: they are returned as (dtype, case, reasons), for the caller to check that it
+    declines exactly what it means to. Raises AssertionError on the first case that does not conform."""
+    spec = get_registry().operator(op)
+    declined = []
+    for dtype in dtypes or spec.dtypes:
+        for case in spec.cases:
+            reasons = declines(op, backend, dtype, device=device, size=size, attrs=case)
+            if reasons:
+                declined.append((dtype, case, reasons))
+            else:
+                assert_conforms(op, backend, dtype, device=device, size=size, seed=seed, attrs=case)
+    return declined
+
+
+@contextlib.contextmanager
+def clean_state(cache_dir: str | os.PathLike) -> Iterator[None]:
+    """A test's isolation: no LIGER_KERNEL_* variable (they are restored afterwards), the autotune cache in
+    `cache_dir`, an empty selection memo and no remembered autotune decision, before and after."""
+    saved = {name: value for name, value in os.environ.items() if name.startswith("LIGER_KERNEL_")}
+    for name in saved:
+        del os.environ[name]
+    os.environ["LIGER_KERNEL_CACHE_DIR"] = str(Path(cache_dir))
+    dispatch.clear_memo()
+    autotune.forget()
+    try:
+        yield
+    finally:
+        dispatch.clear_memo()
+        autotune.forget()
+        for name in [name for name in os.environ if name.startswith("LIGER_KERNEL_")]:
+            del os.environ[name]
+        os.environ.update(saved)

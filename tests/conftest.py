@@ -12,21 +12,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from liger_core import autotune, dispatch  # noqa: E402
+from liger_core.testing import clean_state  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def clean_liger_environment(monkeypatch, tmp_path):
+def clean_liger_environment(tmp_path):
     """Each test starts with no forcing variable set, an empty selection memo and its own autotune cache."""
-    for variable in list(os.environ):
-        if variable.startswith("LIGER_KERNEL_"):
-            monkeypatch.delenv(variable)
-    monkeypatch.setenv("LIGER_KERNEL_CACHE_DIR", str(tmp_path / "liger-cache"))
-    dispatch.clear_memo()
-    autotune.forget()
-    yield
-    dispatch.clear_memo()
-    autotune.forget()
+    with clean_state(tmp_path / "liger-cache"):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,15 +8,12 @@ The reference backend is the truth, so it is never tested against itself.
 import pytest
 import torch
 
-from liger_core import dispatch
 from liger_core.registry import get_registry
-from liger_core.testing import assert_conforms
+from liger_core.testing import assert_conforms, declines
 
 
 def _declines(op, backend, dtype, case, device) -> list[str]:
-    spec = get_registry().operator(op)
-    inputs, attrs = spec.make_inputs(device, dtype, "tiny", 0, **case)
-    return dispatch._reasons(spec, backend, *spec.bind(inputs, attrs), forced=True)
+    return declines(op, backend, dtype, device=device, attrs=case)
 
 
 def _cases(device: str, sizes: tuple[str, ...]):

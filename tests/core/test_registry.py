@@ -143,3 +143,34 @@ def test_entry_point_naming_a_wrong_object_is_a_recorded_failure(monkeypatch):
     with pytest.raises(registry_module.SpecError, match="is a str, expected a KernelSpec"):
         registry_module.import_reference("liger_core:__version__", KernelSpec, "test")
     assert registry.failures.get("broken (liger-broken-plugin)")
+
+
+def test_plugin_kit_runs_every_case_and_returns_what_the_backend_declines():
+    from liger_core.testing import assert_conforms_all, declines
+
+    # The test plugin's rms_norm serves float32 CPU tensors only (and not every option): every case of every other
+    # dtype is declined, with its reason; the default float32 case is served, and conforms.
+    declined = assert_conforms_all("rms_norm", "testplug")
+    spec = get_registry().operator("rms_norm")
+    other_dtypes = [dtype for dtype in spec.dtypes if dtype != torch.float32]
+    assert len(declined) >= len(other_dtypes) * len(spec.cases)
+    assert {dtype for dtype, _, _ in declined} >= set(other_dtypes)
+    assert not any(dtype == torch.float32 and case == {} for dtype, case, _ in declined)
+    assert all(reasons for _, _, reasons in declined)
+    assert declines("rms_norm", "testplug", torch.float32) == []
+    assert declines("rms_norm", "testplug", torch.bfloat16)
+
+
+def test_clean_state_clears_and_restores_the_environment(tmp_path, monkeypatch):
+    from liger_core import dispatch
+    from liger_core.testing import clean_state
+
+    monkeypatch.setenv("LIGER_KERNEL_BACKEND_RMS_NORM", "reference")
+    dispatch._memo[("marker",)] = "x"
+    with clean_state(tmp_path / "cache"):
+        assert "LIGER_KERNEL_BACKEND_RMS_NORM" not in os.environ
+        assert os.environ["LIGER_KERNEL_CACHE_DIR"] == str(tmp_path / "cache")
+        assert ("marker",) not in dispatch._memo
+        os.environ["LIGER_KERNEL_BACKEND_SWIGLU"] = "reference"  # a test's own setting does not leak out
+    assert os.environ["LIGER_KERNEL_BACKEND_RMS_NORM"] == "reference"
+    assert "LIGER_KERNEL_BACKEND_SWIGLU" not in os.environ

@@ -15,18 +15,11 @@ if not torch.cuda.is_available():
 
 from liger_inductor.compiler import CPU_VARIABLE  # noqa: E402
 
-from liger_core import autotune, dispatch  # noqa: E402
+from liger_core.testing import clean_state  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def clean_liger_environment(monkeypatch, tmp_path):
-    for variable in list(os.environ):
-        if variable.startswith("LIGER_KERNEL_"):
-            monkeypatch.delenv(variable)
-    monkeypatch.setenv("LIGER_KERNEL_CACHE_DIR", str(tmp_path / "liger-cache"))
     monkeypatch.setenv(CPU_VARIABLE, "1")
-    dispatch.clear_memo()
-    autotune.forget()
-    yield
-    dispatch.clear_memo()
-    autotune.forget()
+    with clean_state(tmp_path / "liger-cache"):
+        yield
