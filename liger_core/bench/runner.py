@@ -86,6 +86,13 @@ def _median_ms(step, device: torch.device) -> float:
 
 def measure_case(case: case_module.Case, impl: str, device: torch.device) -> dict:
     row = {"case": case.name, "op": case.op, "group": case.group, "impl": impl, "axis": case.axis}
+    if impl.startswith(OURS_PREFIX + ":"):
+        from liger_core.registry import get_registry
+
+        backend = get_registry().backends.get(impl.split(":", 1)[1])
+        if backend is not None and case.op not in backend.spec.kernels:
+            row["skipped"] = f"backend {backend.spec.name!r} has no kernel for {case.op}"
+            return row
     try:
         step = _step_function(case.build(_kind(impl), device))
         from liger_core import autotune
@@ -274,9 +281,9 @@ def merge(runs: list[dict], selected: list[case_module.Case], impls: list[str], 
         for row in run["rows"]:
             key = (row["case"], row["impl"])
             kept = best.get(key)
-            if kept is None or ("error" in kept and "error" not in row):
+            if kept is None or ("ms" not in kept and "ms" in row):
                 best[key] = row
-            elif "error" not in row and row["ms"] < kept["ms"]:
+            elif "ms" in row and row["ms"] < kept["ms"]:
                 best[key] = dict(row, first_call_ms=kept.get("first_call_ms", row.get("first_call_ms")))
     copy = [run["copy_gbs"] for run in runs if run.get("copy_gbs")]
     return {
@@ -298,6 +305,8 @@ def merge(runs: list[dict], selected: list[case_module.Case], impls: list[str], 
 def _cell(row: dict | None) -> str:
     if row is None:
         return "—"
+    if "skipped" in row:
+        return "n/a"
     if "error" in row:
         return "fails"
     memory = f", {row['peak_extra_mib']:.0f} MiB" if "peak_extra_mib" in row else ""

@@ -32,7 +32,7 @@ def test_every_case_runs_through_our_api_and_agrees_with_the_eager_formula(case)
 def test_run_writes_json_and_markdown_and_records_failures(tmp_path):
     out = tmp_path / "result.json"
     summary = runner.run(
-        ["ours:reference", "eager", "ours:no-such-backend", "liger"],
+        ["ours:reference", "eager", "ours:no-such-backend", "ours:testplug", "liger"],
         suite="smoke",
         ops=["rms_norm", "swiglu"],
         device="cpu",
@@ -46,9 +46,11 @@ def test_run_writes_json_and_markdown_and_records_failures(tmp_path):
         assert by_key[(name, "ours:reference")]["ms"] > 0
         assert by_key[(name, "eager")]["ms"] > 0
         assert "no-such-backend" in by_key[(name, "ours:no-such-backend")]["error"]
+    # a backend without a kernel for the operator is "n/a", not a failure
+    assert by_key[("swiglu 5x17", "ours:testplug")]["skipped"] == "backend 'testplug' has no kernel for swiglu"
     assert "--peer" in written["failures"]["liger"]
     table = (tmp_path / "result.md").read_text()
-    assert "| rms_norm 5x33 |" in table and "fails" in table
+    assert "| rms_norm 5x33 |" in table and "fails" in table and "n/a" in table
 
 
 def test_bad_competitor_and_empty_selection_are_refused():
