@@ -31,24 +31,19 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import fused_linear_cross_entropy as flce
 from .cross_entropy import ROW_WARPS, row_block
 from .fused_linear_cross_entropy import _accumulate_weight_gradient
 from .rms_norm import _launch, cast_to
 
-# Most bytes one chunk's logits (in the input dtype) may take, per device type, as in fused_linear_cross_entropy: on
-# the GPU 128 MiB is 512 rows at V = 128256 in bf16 (the depth of the grad_W GEMM); to be swept on an H200. On the
-# CPU (tests) chunks are small, so several are walked. Tests patch it.
-CHUNK_BYTES = {"cuda": 128 << 20, "cpu": 64 << 10}
-DEFAULT_CHUNK_BYTES = 128 << 20
+# Most bytes one chunk's logits (in the input dtype) may take, per device type: the same budget as
+# fused_linear_cross_entropy's, kept apart so that it can be tuned (and patched by tests) on its own.
+CHUNK_BYTES = dict(flce.CHUNK_BYTES)
 
 
 def chunk_rows(rows: int, vocab: int, itemsize: int, device_type: str) -> int:
-    """Token rows per chunk (at least 1); a multiple of 128 when there is room for several, for the GEMMs."""
-    budget = CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES)
-    n = max(1, budget // max(vocab * itemsize, 1))
-    if n >= 256:
-        n = n // 128 * 128
-    return max(1, min(n, rows))
+    """Token rows per chunk: fused_linear_cross_entropy's rule, with this module's budget."""
+    return flce.chunk_rows(rows, vocab, itemsize, device_type, CHUNK_BYTES)
 
 
 # -- kernels -------------------------------------------------------------------------------------------------------

@@ -47,9 +47,10 @@ CHUNK_BYTES = {"cuda": 128 << 20, "cpu": 64 << 10}
 DEFAULT_CHUNK_BYTES = 128 << 20
 
 
-def chunk_rows(rows: int, vocab: int, itemsize: int, device_type: str) -> int:
-    """Token rows per chunk (at least 1); a multiple of 128 when there is room for several, for the GEMMs."""
-    budget = CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES)
+def chunk_rows(rows: int, vocab: int, itemsize: int, device_type: str, chunk_bytes: dict | None = None) -> int:
+    """Token rows per chunk (at least 1); a multiple of 128 when there is room for several, for the GEMMs.
+    `chunk_bytes` (per device type) defaults to this module's CHUNK_BYTES."""
+    budget = (CHUNK_BYTES if chunk_bytes is None else chunk_bytes).get(device_type, DEFAULT_CHUNK_BYTES)
     n = max(1, budget // max(vocab * itemsize, 1))
     if n >= 256:
         n = n // 128 * 128
