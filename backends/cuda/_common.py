@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import torch
 
+from liger_core.spec import KernelSpec
+
 from . import _extension
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MIN_CAPABILITY = _extension.MIN_CAPABILITY
 # Largest row (hidden size, vocabulary, head size) the int32 arithmetic of the launchers is tested for, with room.
 MAX_COLS = 1 << 24
+
+
+def cuda_kernel(op: str, forward, backward, supports) -> KernelSpec:
+    """A kernel of this backend: CUDA tensors of DTYPES, on GPUs of MIN_CAPABILITY or newer."""
+    return KernelSpec(
+        op=op,
+        forward=forward,
+        backward=backward,
+        supports=supports,
+        devices=("cuda",),
+        dtypes=DTYPES,
+        min_capability=MIN_CAPABILITY,
+    )
 
 
 def ext():

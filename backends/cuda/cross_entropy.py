@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from liger_core.spec import KernelSpec
-
-from ._common import DTYPES, MAX_COLS, MIN_CAPABILITY, compiling, dtype_reasons, ext
+from ._common import MAX_COLS, compiling, cuda_kernel, dtype_reasons, ext
 
 REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
@@ -110,12 +108,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = KernelSpec(
-    op="cross_entropy",
-    forward=forward,
-    backward=backward,
-    supports=supports,
-    devices=("cuda",),
-    dtypes=DTYPES,
-    min_capability=MIN_CAPABILITY,
-)
+KERNEL = cuda_kernel("cross_entropy", forward, backward, supports)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from liger_core.operators.embedding import padding_row
-from liger_core.spec import KernelSpec
 
-from ._common import DTYPES, MIN_CAPABILITY, compiling, dtype_reasons, ext
+from ._common import compiling, cuda_kernel, dtype_reasons, ext
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -79,12 +78,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = KernelSpec(
-    op="embedding",
-    forward=forward,
-    backward=backward,
-    supports=supports,
-    devices=("cuda",),
-    dtypes=DTYPES,
-    min_capability=MIN_CAPABILITY,
-)
+KERNEL = cuda_kernel("embedding", forward, backward, supports)

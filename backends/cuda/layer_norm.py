@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from liger_core.spec import KernelSpec
-
-from ._common import DTYPES, MAX_COLS, MIN_CAPABILITY, compiling, dtype_reasons, ext, rows
+from ._common import MAX_COLS, compiling, cuda_kernel, dtype_reasons, ext, rows
 
 
 @torch.library.custom_op("liger_cuda::layer_norm_forward", mutates_args=())
@@ -78,12 +76,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = KernelSpec(
-    op="layer_norm",
-    forward=forward,
-    backward=backward,
-    supports=supports,
-    devices=("cuda",),
-    dtypes=DTYPES,
-    min_capability=MIN_CAPABILITY,
-)
+KERNEL = cuda_kernel("layer_norm", forward, backward, supports)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from liger_core.spec import KernelSpec
-
-from ._common import DTYPES, MAX_COLS, MIN_CAPABILITY, compiling, dtype_reasons, ext, rows
+from ._common import MAX_COLS, compiling, cuda_kernel, dtype_reasons, ext, rows
 
 CASTING_MODES = {"llama": 0, "gemma": 1, "none": 2}
 
@@ -79,12 +77,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = KernelSpec(
-    op="rms_norm",
-    forward=forward,
-    backward=backward,
-    supports=supports,
-    devices=("cuda",),
-    dtypes=DTYPES,
-    min_capability=MIN_CAPABILITY,
-)
+KERNEL = cuda_kernel("rms_norm", forward, backward, supports)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 
 from liger_core.operators.rope import rotated_width
-from liger_core.spec import KernelSpec
 
-from ._common import DTYPES, MIN_CAPABILITY, compiling, dtype_reasons, ext
+from ._common import compiling, cuda_kernel, dtype_reasons, ext
 
 MAX_HEAD_DIM = 1 << 16
 
@@ -107,12 +106,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = KernelSpec(
-    op="rope",
-    forward=forward,
-    backward=backward,
-    supports=supports,
-    devices=("cuda",),
-    dtypes=DTYPES,
-    min_capability=MIN_CAPABILITY,
-)
+KERNEL = cuda_kernel("rope", forward, backward, supports)

@@ -2,17 +2,7 @@
 
 from __future__ import annotations
 
-from liger_core.spec import KernelSpec
-
-from ._common import DTYPES, MIN_CAPABILITY
+from ._common import cuda_kernel
 from ._gated import make_backward, make_forward, make_supports
 
-KERNEL = KernelSpec(
-    op="swiglu",
-    forward=make_forward("swiglu"),
-    backward=make_backward("swiglu"),
-    supports=make_supports("swiglu"),
-    devices=("cuda",),
-    dtypes=DTYPES,
-    min_capability=MIN_CAPABILITY,
-)
+KERNEL = cuda_kernel("swiglu", make_forward("swiglu"), make_backward("swiglu"), make_supports("swiglu"))
