@@ -71,6 +71,23 @@ def _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, ce_coefficient, z_co
         grad_bias.add_(grad_logits.sum(0))
 
 
+def unit_coefficients(reduction: str, weight_sum, count, wide: torch.dtype, device) -> tuple:
+    """d loss / d (CE term, z-loss term) of one row for a unit upstream gradient: 1 / the class-weight sum and
+    1 / the count of counted rows for "mean" (0 when there are none), 1 for "sum" and "none"."""
+    if reduction == "mean":
+        return ce.safe_divide(torch.ones_like(weight_sum), weight_sum), ce.safe_divide(torch.ones_like(count), count)
+    one = torch.ones((), dtype=wide, device=device)
+    return one, one
+
+
+def scaled_gradients(grads: tuple, dtypes: tuple, grad_loss: torch.Tensor) -> tuple:
+    """Gradients computed in the forward for a unit upstream gradient, times the incoming scalar one, each cast to
+    its input's dtype (None stays None)."""
+    return tuple(
+        None if grad is None else (grad * grad_loss.to(grad.dtype)).to(dtype) for grad, dtype in zip(grads, dtypes)
+    )
+
+
 def finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attrs: dict) -> tuple:
     """(loss, z_loss, token_accuracy, predicted_tokens) from the chunks' per-row terms (and argmaxes when asked).
     The loss is float32 (float64 for float64 inputs), as Hugging Face's: see the operator's docstring."""
@@ -104,11 +121,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         eager_grads and bias is not None and bias.requires_grad,
     )
     grads = _accumulators(x, weight, want, acc)
-    if reduction == "mean":
-        ce_coefficient = ce.safe_divide(torch.ones_like(weight_sum), weight_sum)
-        z_coefficient = ce.safe_divide(torch.ones_like(count), count)
-    else:
-        ce_coefficient = z_coefficient = torch.ones((), dtype=wide, device=x.device)
+    ce_coefficient, z_coefficient = unit_coefficients(reduction, weight_sum, count, wide, x.device)
 
     step = chunk_rows(rows_total, vocab)
     ce_rows, z_rows, argmaxes = [], [], []
@@ -141,10 +154,7 @@ def backward(saved: tuple, grad_outputs: tuple) -> tuple:
         return None, None, None
     if saved[0] == "scale":
         _, grad_x, grad_weight, grad_bias, dtypes = saved
-        return tuple(
-            None if grad is None else (grad * grad_loss.to(grad.dtype)).to(dtype)
-            for grad, dtype in zip((grad_x, grad_weight, grad_bias), dtypes)
-        )
+        return scaled_gradients((grad_x, grad_weight, grad_bias), dtypes, grad_loss)
     _, x, weight, target, bias, ce_weight, want, attrs = saved
     rows_total, vocab = x.shape[0], weight.shape[0]
     wide = torch.promote_types(x.dtype, torch.float32)

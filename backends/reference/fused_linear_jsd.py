@@ -17,7 +17,7 @@ from liger_core.spec import FLOAT_DTYPES, KernelSpec
 
 from . import jsd
 from .cross_entropy import safe_divide
-from .fused_linear_cross_entropy import accumulation_dtype, chunk_rows
+from .fused_linear_cross_entropy import accumulation_dtype, chunk_rows, scaled_gradients
 
 
 def forward(inputs: tuple, attrs: dict, needs_grad: bool):
@@ -64,10 +64,7 @@ def backward(saved: tuple, grad_outputs: tuple) -> tuple:
     (grad_loss,) = grad_outputs
     if grad_loss is None:
         return None, None
-    return tuple(
-        None if grad is None else (grad * grad_loss.to(grad.dtype)).to(dtype)
-        for grad, dtype in ((grad_x, x_dtype), (grad_weight, weight_dtype))
-    )
+    return scaled_gradients((grad_x, grad_weight), (x_dtype, weight_dtype), grad_loss)
 
 
 KERNEL = KernelSpec(op="fused_linear_jsd", forward=forward, backward=backward, dtypes=FLOAT_DTYPES + (torch.float64,))

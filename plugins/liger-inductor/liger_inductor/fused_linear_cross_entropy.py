@@ -106,11 +106,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         eager_grads and weight.requires_grad,
         eager_grads and bias is not None and bias.requires_grad,
     )
-    if reduction == "mean":
-        ce_coefficient = ce.safe_divide(torch.ones_like(weight_sum), weight_sum)
-        z_coefficient = ce.safe_divide(torch.ones_like(count), count)
-    else:
-        ce_coefficient = z_coefficient = torch.ones((), dtype=wide, device=x.device)
+    ce_coefficient, z_coefficient = reference.unit_coefficients(reduction, weight_sum, count, wide, x.device)
     stats = attrs["return_token_accuracy"] or attrs["return_predicted_tokens"]
     ce_rows, z_rows, argmaxes, grads = _passes(
         x, weight, bias, target, ce_weight, attrs, want, ce_coefficient, z_coefficient, stats
@@ -133,10 +129,7 @@ def backward(saved: tuple, grad_outputs: tuple) -> tuple:
         return None, None, None
     if saved[0] == "scale":
         _, grad_x, grad_weight, grad_bias, dtypes = saved
-        return tuple(
-            None if grad is None else (grad * grad_loss.to(grad.dtype)).to(dtype)
-            for grad, dtype in zip((grad_x, grad_weight, grad_bias), dtypes)
-        )
+        return reference.scaled_gradients((grad_x, grad_weight, grad_bias), dtypes, grad_loss)
     _, x, weight, target, bias, ce_weight, want, attrs, dtypes = saved
     upstream = grad_loss.to(torch.promote_types(x.dtype, torch.float32))
     _, _, _, grads = _passes(x, weight, bias, target, ce_weight, attrs, want, None, None, False, upstream=upstream)

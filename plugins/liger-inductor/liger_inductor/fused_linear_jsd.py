@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from liger_backends.reference import fused_linear_jsd as reference_fljsd
 from liger_backends.reference import jsd
 from liger_backends.reference.cross_entropy import safe_divide
 
@@ -85,21 +86,10 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     return (loss,), (grad_x, grad_weight, student_input.dtype, student_weight.dtype)
 
 
-def backward(saved: tuple, grad_outputs: tuple) -> tuple:
-    grad_x, grad_weight, x_dtype, weight_dtype = saved
-    (grad_loss,) = grad_outputs
-    if grad_loss is None:
-        return None, None
-    return tuple(
-        None if grad is None else (grad * grad_loss.to(grad.dtype)).to(dtype)
-        for grad, dtype in ((grad_x, x_dtype), (grad_weight, weight_dtype))
-    )
-
-
 KERNEL = KernelSpec(
     op="fused_linear_jsd",
     forward=forward,
-    backward=backward,
+    backward=reference_fljsd.backward,  # the gradients are computed in the forward: the same scaling
     supports=toolchain_reasons,
     dtypes=FLOAT_DTYPES,
     devices=("cuda",),
