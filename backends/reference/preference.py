@@ -255,46 +255,65 @@ def make_forward(op: str, pairs_fn, extras_fn, always_average: bool, token_pass=
     return forward
 
 
-def backward(saved: tuple, grad_outputs: tuple):
-    x, weight, bias, lse, safe, coef, nll_safe, nll_coef = saved
-    grad_loss = grad_outputs[0]
-    if grad_loss is None:
-        return None, None, None
-    wide = lse.dtype
-    scale = grad_loss.to(wide)
-    coef = coef * scale
-    total = coef
+def _gradient_tile(x_tile, w, b, lse, safe, coef, total, nll_safe, nll_coef, wide):
+    """One tile of pass two: (grad of the tile's x rows in x's dtype, d loss / dz in the wide dtype, grad of the
+    bias or None), with ``d loss / dz = coef·(onehot(target) − p)`` summed over the targets and p = softmax(z)."""
+    z = x_tile.to(wide) @ w.T
+    if b is not None:
+        z = z + b
+    dz = torch.exp(z - lse[:, None]) * -total[:, None]
+    dz.scatter_add_(1, safe[:, None], coef[:, None])
     if nll_coef is not None:
-        nll_coef = nll_coef * scale
-        total = coef + nll_coef
-    rows, hidden = x.shape[0] * x.shape[1], x.shape[2]
-    x2d = x.reshape(rows, hidden)
-    w = weight.to(wide)
-    b = bias.to(wide) if bias is not None else None
-    grad_x = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    grad_w = torch.zeros(w.shape, dtype=wide, device=x.device)
-    grad_b = torch.zeros(w.shape[0], dtype=wide, device=x.device) if bias is not None else None
-    step = rows_per_tile(weight.shape[0])
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        x_tile = x2d[start:stop].to(wide)
-        z = x_tile @ w.T
-        if b is not None:
-            z = z + b
-        # d loss / dz = coef·(onehot(target) − p) summed over the targets, with p = softmax(z)
-        dz = torch.exp(z - lse[start:stop, None]) * -total[start:stop, None]
-        dz.scatter_add_(1, safe[start:stop, None], coef[start:stop, None])
+        dz.scatter_add_(1, nll_safe[:, None], nll_coef[:, None])
+    return (dz @ w).to(x_tile.dtype), dz, None if b is None else dz.sum(0)
+
+
+def make_backward(gradient_tile=None, tile_rows=None):
+    """The backward of the four operators. ``gradient_tile`` computes one tile of pass two (the signature of
+    `_gradient_tile`, the default) and ``tile_rows(rows, vocab)`` its row count (default `rows_per_tile`): another
+    backend (the inductor plugin) brings compiled ones and shares the rest."""
+    gradient_tile = gradient_tile or _gradient_tile
+    tile_rows = tile_rows or (lambda rows, vocab: rows_per_tile(vocab))
+
+    def backward(saved: tuple, grad_outputs: tuple):
+        x, weight, bias, lse, safe, coef, nll_safe, nll_coef = saved
+        grad_loss = grad_outputs[0]
+        if grad_loss is None:
+            return None, None, None
+        wide = lse.dtype
+        scale = grad_loss.to(wide)
+        coef = coef * scale
+        total = coef
         if nll_coef is not None:
-            dz.scatter_add_(1, nll_safe[start:stop, None], nll_coef[start:stop, None])
-        grad_x[start:stop] = (dz @ w).to(x.dtype)
-        grad_w.addmm_(dz.T, x_tile)
-        if grad_b is not None:
-            grad_b += dz.sum(0)
-    return (
-        grad_x.view(x.shape),
-        grad_w.to(weight.dtype),
-        grad_b.to(bias.dtype) if grad_b is not None else None,
-    )
+            nll_coef = nll_coef * scale
+            total = coef + nll_coef
+        rows, hidden = x.shape[0] * x.shape[1], x.shape[2]
+        x2d = x.reshape(rows, hidden)
+        w = weight.to(wide)
+        b = bias.to(wide) if bias is not None else None
+        grad_x = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+        grad_w = torch.zeros(w.shape, dtype=wide, device=x.device)  # our own accumulators, updated in place
+        grad_b = torch.zeros(w.shape[0], dtype=wide, device=x.device) if bias is not None else None
+        step = tile_rows(rows, weight.shape[0])
+        for start in range(0, rows, step):
+            tile = slice(start, min(start + step, rows))
+            second = (nll_safe[tile], nll_coef[tile]) if nll_coef is not None else (None, None)
+            grad_x[tile], dz, tile_grad_b = gradient_tile(
+                x2d[tile], w, b, lse[tile], safe[tile], coef[tile], total[tile], *second, wide
+            )
+            grad_w.addmm_(dz.T, x2d[tile].to(wide))
+            if grad_b is not None:
+                grad_b += tile_grad_b
+        return (
+            grad_x.view(x.shape),
+            grad_w.to(weight.dtype),
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+        )
+
+    return backward
+
+
+backward = make_backward()
 
 
 def _kernel(op: str, pairs_fn, extras_fn, always_average: bool) -> KernelSpec:

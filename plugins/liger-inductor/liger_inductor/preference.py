@@ -73,40 +73,11 @@ def _token_pass(x: torch.Tensor, weight: torch.Tensor, bias, gathers: list[torch
     return torch.cat(lse), torch.cat(row_sum), picked_all
 
 
-def backward(saved: tuple, grad_outputs: tuple):
-    x, weight, bias, lse, safe, coef, nll_safe, nll_coef = saved
-    grad_loss = grad_outputs[0]
-    if grad_loss is None:
-        return None, None, None
-    wide = lse.dtype
-    scale = grad_loss.to(wide)
-    coef = coef * scale
-    total = coef
-    if nll_coef is not None:
-        nll_coef = nll_coef * scale
-        total = coef + nll_coef
-    rows, hidden = x.shape[0] * x.shape[1], x.shape[2]
-    x2d = x.reshape(rows, hidden)
-    w = weight.to(wide)
-    b = bias.to(wide) if bias is not None else None
-    grad_x = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    grad_w = torch.zeros(w.shape, dtype=wide, device=x.device)  # our own accumulators, updated in place
-    grad_b = torch.zeros(w.shape[0], dtype=wide, device=x.device) if bias is not None else None
-    step = chunk_rows(rows, weight.shape[0])
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        tile = slice(start, stop)
-        second = (nll_safe[tile], nll_coef[tile]) if nll_coef is not None else (None, None)
-        args = (x2d[tile], w, b, lse[tile], safe[tile], coef[tile], total[tile], *second)
-        grad_x[tile], dz, tile_grad_b = GRADIENT_PASS(args, {"wide": wide})
-        grad_w.addmm_(dz.T, x2d[tile].to(wide))
-        if grad_b is not None:
-            grad_b += tile_grad_b
-    return (
-        grad_x.view(x.shape),
-        grad_w.to(weight.dtype),
-        grad_b.to(bias.dtype) if grad_b is not None else None,
-    )
+def _gradient_tile(x_tile, w, b, lse, safe, coef, total, nll_safe, nll_coef, wide):
+    return GRADIENT_PASS((x_tile, w, b, lse, safe, coef, total, nll_safe, nll_coef), {"wide": wide})
+
+
+backward = reference.make_backward(_gradient_tile, chunk_rows)
 
 
 def _kernel(op: str, pairs_fn, extras_fn, always_average: bool) -> KernelSpec:
