@@ -171,6 +171,23 @@ def pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs):
     return losses.mean(), d_chosen / pairs, d_rejected / pairs
 
 
+def loss_and_outputs(pairs_fn, extras_fn, logps: tuple, nll, alpha: float, logits_means, attrs, needs_grad, dtype):
+    """The operator's outputs (loss, chosen and rejected log-probs, their mean logits, the NLL, the extras) in
+    `dtype` from the per-sequence values ``logps = (c, r, ref_c, ref_r)``, and, when `needs_grad`, d loss / d c and
+    d loss / d r (None otherwise)."""
+    c, r, ref_c, ref_r = logps
+    slopes = (None, None)
+    if needs_grad:
+        preference, *slopes = pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs)
+    else:
+        preference = pairs_fn(c, r, ref_c, ref_r, attrs).mean()
+    loss = preference + alpha * nll if alpha != 0.0 else preference
+    extras = extras_fn(c, r, ref_c, ref_r, attrs)
+    nll_out = nll if attrs["compute_nll_loss"] else torch.zeros_like(nll)
+    aux = (c, r, logits_means[0], logits_means[1], nll_out, *extras)
+    return (loss.to(dtype),) + tuple(t.detach().to(dtype) for t in aux), tuple(slopes)
+
+
 def make_forward(op: str, pairs_fn, extras_fn, always_average: bool, token_pass=None):
     """The forward of one of the four operators. ``token_pass`` computes pass one (see the module docstring; the
     signature of `_token_pass`, the default): another backend (the inductor plugin) brings a compiled one and
@@ -222,19 +239,9 @@ def make_forward(op: str, pairs_fn, extras_fn, always_average: bool, token_pass=
         nll_count = chosen_counted.sum().clamp_min(1).to(wide)
         nll = -nll_token_logp[:pairs].sum() / nll_count
 
-        if needs_grad:
-            preference, d_chosen, d_rejected = pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs)
-        else:
-            preference = pairs_fn(c, r, ref_c, ref_r, attrs).mean()
-        loss = preference + alpha * nll if alpha != 0.0 else preference
-        extras = extras_fn(c, r, ref_c, ref_r, attrs)
-        chosen_logits_mean = row_sum[: pairs * length].sum() / (pairs * length * vocab)
-        rejected_logits_mean = row_sum[pairs * length :].sum() / (pairs * length * vocab)
-        nll_out = nll if attrs["compute_nll_loss"] else torch.zeros_like(nll)
-
-        out_dtype = x.dtype
-        outputs = (loss.to(out_dtype),) + tuple(
-            t.detach().to(out_dtype) for t in (c, r, chosen_logits_mean, rejected_logits_mean, nll_out, *extras)
+        logits_means = row_sum.view(2, pairs * length).sum(1) / (pairs * length * vocab)  # chosen, rejected
+        outputs, (d_chosen, d_rejected) = loss_and_outputs(
+            pairs_fn, extras_fn, (c, r, ref_c, ref_r), nll, alpha, logits_means, attrs, needs_grad, x.dtype
         )
         if not needs_grad:
             return outputs, None

@@ -32,7 +32,7 @@ from ..reference.preference import (
     _plain_rewards,
     _sequence_logps,
     _simpo_pairs,
-    pair_loss_and_slopes,
+    loss_and_outputs,
 )
 from ._target_logprobs import backward_pass, forward_pass
 from .rms_norm import DTYPES
@@ -74,17 +74,10 @@ def _make_forward(op: str, pairs_fn, extras_fn, always_average: bool):
         nll_count = nll_counted[:pairs].sum().clamp_min(1).to(torch.float32)
         nll = -nll_token_logp[:pairs].sum() / nll_count
 
-        if needs_grad:
-            preference, d_chosen, d_rejected = pair_loss_and_slopes(pairs_fn, c, r, ref_c, ref_r, attrs)
-        else:
-            preference = pairs_fn(c, r, ref_c, ref_r, attrs).mean()
-        loss = preference + alpha * nll if alpha != 0.0 else preference
-        extras = extras_fn(c, r, ref_c, ref_r, attrs)
-        half = row_sum.view(2, pairs * length).sum(1) / (pairs * length * vocab)
-        nll_out = nll if compute_nll else torch.zeros_like(nll)
-
-        dtype = x.dtype
-        outputs = (loss.to(dtype),) + tuple(t.detach().to(dtype) for t in (c, r, half[0], half[1], nll_out, *extras))
+        logits_means = row_sum.view(2, pairs * length).sum(1) / (pairs * length * vocab)  # chosen, rejected
+        outputs, (d_chosen, d_rejected) = loss_and_outputs(
+            pairs_fn, extras_fn, (c, r, ref_c, ref_r), nll, alpha, logits_means, attrs, needs_grad, x.dtype
+        )
         if not needs_grad:
             return outputs, None
 
