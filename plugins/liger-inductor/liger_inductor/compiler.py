@@ -43,6 +43,8 @@ from collections.abc import Callable
 import torch
 import torch._dynamo
 
+from liger_core.spec import KernelSpec
+
 CPU_VARIABLE = "LIGER_INDUCTOR_CPU"
 MAX_SIGNATURES = 64  # compiled copies kept per function; the least recently used beyond that are dropped
 
@@ -172,3 +174,17 @@ CHUNK_BYTES = 256 * 2**20
 def chunk_rows(rows: int, vocab: int, heads: int = 1) -> int:
     """How many token rows one chunk holds (at least 1), for `heads` sets of float32 (rows, vocab) logits."""
     return max(1, min(max(rows, 1), CHUNK_BYTES // max(vocab * 4 * heads, 1)))
+
+
+def inductor_kernel(op: str, forward, backward=None, **spec) -> KernelSpec:
+    """A kernel of this backend: CUDA tensors on GPUs Triton supports (sm_70 and newer), served where the toolchain
+    Inductor needs is there (`toolchain_reasons`); CPU tensors only when forced (see CPU_VARIABLE)."""
+    return KernelSpec(
+        op=op,
+        forward=forward,
+        backward=backward,
+        supports=toolchain_reasons,
+        devices=("cuda",),
+        min_capability=(7, 0),
+        **spec,
+    )

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from liger_backends.reference import cross_entropy as ce
 from liger_backends.reference import fused_linear_cross_entropy as reference
 
-from liger_core.spec import FLOAT_DTYPES, KernelSpec
+from liger_core.spec import FLOAT_DTYPES
 
-from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, toolchain_reasons
+from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kernel
 
 # The attributes the chunk math reads; the others (return_* flags, reduction, accum_dtype) stay out of its signature.
 CHUNK_ATTRS = ("ignore_index", "label_smoothing", "lse_square_scale", "softcap", "use_token_scaling")
@@ -136,12 +136,4 @@ def backward(saved: tuple, grad_outputs: tuple) -> tuple:
     return tuple(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, dtypes))
 
 
-KERNEL = KernelSpec(
-    op="fused_linear_cross_entropy",
-    forward=forward,
-    backward=backward,
-    supports=toolchain_reasons,
-    dtypes=FLOAT_DTYPES,
-    devices=("cuda",),
-    min_capability=(7, 0),
-)
+KERNEL = inductor_kernel("fused_linear_cross_entropy", forward, backward, dtypes=FLOAT_DTYPES)

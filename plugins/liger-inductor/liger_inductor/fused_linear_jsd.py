@@ -16,9 +16,9 @@ from liger_backends.reference import fused_linear_jsd as reference_fljsd
 from liger_backends.reference import jsd
 from liger_backends.reference.cross_entropy import safe_divide
 
-from liger_core.spec import FLOAT_DTYPES, KernelSpec
+from liger_core.spec import FLOAT_DTYPES
 
-from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, toolchain_reasons
+from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kernel
 
 
 def chunk_math(args: tuple, static: dict):
@@ -86,12 +86,5 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     return (loss,), (grad_x, grad_weight, student_input.dtype, student_weight.dtype)
 
 
-KERNEL = KernelSpec(
-    op="fused_linear_jsd",
-    forward=forward,
-    backward=reference_fljsd.backward,  # the gradients are computed in the forward: the same scaling
-    supports=toolchain_reasons,
-    dtypes=FLOAT_DTYPES,
-    devices=("cuda",),
-    min_capability=(7, 0),
-)
+# The gradients are computed in the forward: the reference's backward (a scaling) is the same.
+KERNEL = inductor_kernel("fused_linear_jsd", forward, reference_fljsd.backward, dtypes=FLOAT_DTYPES)

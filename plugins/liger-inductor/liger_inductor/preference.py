@@ -21,7 +21,7 @@ from liger_backends.reference import preference as reference
 
 from liger_core.spec import FLOAT_DTYPES, KernelSpec
 
-from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, toolchain_reasons
+from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kernel
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wide: torch.dtype) -> torch.Tensor:
@@ -81,15 +81,8 @@ backward = reference.make_backward(_gradient_tile, chunk_rows)
 
 
 def _kernel(op: str, pairs_fn, extras_fn, always_average: bool) -> KernelSpec:
-    return KernelSpec(
-        op=op,
-        forward=reference.make_forward(op, pairs_fn, extras_fn, always_average, token_pass=_token_pass),
-        backward=backward,
-        supports=toolchain_reasons,
-        dtypes=FLOAT_DTYPES,
-        devices=("cuda",),
-        min_capability=(7, 0),
-    )
+    forward = reference.make_forward(op, pairs_fn, extras_fn, always_average, token_pass=_token_pass)
+    return inductor_kernel(op, forward, backward, dtypes=FLOAT_DTYPES)
 
 
 DPO_KERNEL = _kernel("fused_linear_dpo", reference._dpo_pairs, reference._dpo_extras, always_average=False)

@@ -25,7 +25,7 @@ from liger_backends.reference import (
 
 from liger_core.spec import KernelSpec
 
-from .compiler import ALL, LEADING, CompiledFunction, toolchain_reasons
+from .compiler import ALL, LEADING, CompiledFunction, inductor_kernel
 
 
 def compiled_kernel(op: str, reference_forward, token_dims: dict[int, str], **spec) -> KernelSpec:
@@ -41,9 +41,7 @@ def compiled_kernel(op: str, reference_forward, token_dims: dict[int, str], **sp
         return compiled(inputs, attrs), None
 
     forward.compiled = compiled  # for tests and tools: its signatures and compilation count
-    return KernelSpec(
-        op=op, forward=forward, supports=toolchain_reasons, devices=("cuda",), min_capability=(7, 0), **spec
-    )
+    return inductor_kernel(op, forward, **spec)
 
 
 # Inputs in the OpSpecs' order; LEADING: every dimension but the last (hidden, vocabulary) varies with the batch.
