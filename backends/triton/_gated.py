@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import DTYPES, _launch, _rows, cast_to
+from .rms_norm import DTYPES, _launch, _rows, cast_to, traced
 
 SILU = tl.constexpr(0)
 GELU_TANH = tl.constexpr(1)
@@ -216,7 +216,7 @@ def make_forward(op: str):
         # stride serves both and they do not overlap (two halves of one projection do not).
         into_inputs = (
             attrs.get("in_place", False)
-            and not torch.compiler.is_compiling()
+            and not traced(a2d)
             and a2d.stride(0) == b2d.stride(0)
             and a2d.data_ptr() != b2d.data_ptr()
         )

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import cast_to
+from .rms_norm import cast_to, traced
 
 BLOCK = 4096
 NUM_WARPS = 8
@@ -46,7 +46,7 @@ def scale_in_place(buffer: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor
     """buffer (contiguous, our own) times upstream (a scalar, or one value per row of buffer), in place when eager
     (version bumped: saved copies of it are stale); out of place under torch.compile, where Inductor fuses it."""
     per_row = upstream.dim() > 0
-    if torch.compiler.is_compiling():
+    if traced(buffer):
         factor = upstream.reshape(-1, *([1] * (buffer.dim() - 1))) if per_row else upstream
         return (buffer.float() * factor.float()).to(buffer.dtype)  # fp32 product, as eagerly (Inductor fuses it)
     numel = buffer.numel()

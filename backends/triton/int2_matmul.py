@@ -35,7 +35,7 @@ import triton.language as tl
 from liger_core.operators.int2_matmul import CODES_PER_BYTE
 from liger_core.spec import KernelSpec
 
-from .rms_norm import sm_count
+from .rms_norm import _launch, sm_count
 
 GROUP_M = 8  # output-tile rows per L2 group in the large-M tiling
 MIN_K_BLOCKS_PER_SPLIT = 2  # a split-K program walks at least this many BLOCK_K steps
@@ -126,10 +126,6 @@ def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
 
 
 # -- launchers ---------------------------------------------------------------------------------------------------
-
-
-def _launch(kernel):
-    return torch.library.wrap_triton(kernel) if torch.compiler.is_compiling() else kernel
 
 
 def int2_matmul_tiled(

@@ -309,9 +309,39 @@ def partition_rows(n_rows: int, rows_per_step: int, programs: int) -> tuple[int,
 # are called as plain functions: going through the custom-op dispatcher costs tens of microseconds of host time per
 # call, more than the kernels themselves take on the GPU at Llama shapes.
 
+# The tensor types a kernel can be launched on directly. Tracing hands the launchers FakeTensors or FunctionalTensors.
+_REAL_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
-def _launch(kernel):
-    return torch.library.wrap_triton(kernel) if torch.compiler.is_compiling() else kernel
+
+def traced(tensor: torch.Tensor) -> bool:
+    """Whether torch.compile is tracing the code that sees `tensor` (it may be running a triton_op's body on fake
+    tensors, outside the traced frame, where ``torch.compiler.is_compiling()`` is False)."""
+    return type(tensor) not in _REAL_TENSOR_TYPES or torch.compiler.is_compiling()
+
+
+class _TritonLauncher:
+    """``_launch(kernel)[grid](*args, **meta)``: ``kernel[grid](...)`` on real tensors, and through
+    ``torch.library.wrap_triton`` while torch.compile traces (see ``traced``: a plain launch on fake tensors fails on
+    their data pointers). Every kernel's first argument is a tensor."""
+
+    __slots__ = ("kernel",)
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        kernel = self.kernel
+
+        def launch(*args, **meta):
+            if traced(args[0]):
+                return torch.library.wrap_triton(kernel)[grid](*args, **meta)
+            return kernel[grid](*args, **meta)
+
+        return launch
+
+
+def _launch(kernel) -> _TritonLauncher:
+    return _TritonLauncher(kernel)
 
 
 def rms_norm_forward(
