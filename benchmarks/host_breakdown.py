@@ -13,9 +13,9 @@ import time
 
 import torch
 import triton
+from liger_backends.triton import rms_norm as triton_rms_norm
 
 import liger_core
-from liger_backends.triton import rms_norm as triton_rms_norm
 
 
 def per_call_us(fn, steps: int) -> float:

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import DTYPES, _launch, _rows, cast_to, traced
+from .rms_norm import DTYPES, _launch, _rows, cast_to, launcher_op, traced
 
 SILU = tl.constexpr(0)
 GELU_TANH = tl.constexpr(1)
@@ -139,7 +139,7 @@ def _layout(n_rows: int, n_cols: int, *operands: torch.Tensor) -> tuple[tuple, t
     return shape, (triton.cdiv(shape[0], options["BLOCK_ROWS"]) * col_blocks,), col_blocks, options
 
 
-# -- launchers (plain calls eagerly, triton_ops under torch.compile: see rms_norm.py) ------------------------------
+# -- launchers (plain calls eagerly, custom ops under torch.compile: see rms_norm.py) ------------------------------
 
 
 def gated_forward(a: torch.Tensor, b: torch.Tensor, activation: int) -> torch.Tensor:
@@ -194,8 +194,8 @@ def gated_backward_into_inputs(
     return a, b
 
 
-gated_forward_op = torch.library.triton_op("liger_triton::gated_forward", mutates_args=())(gated_forward)
-gated_backward_op = torch.library.triton_op("liger_triton::gated_backward", mutates_args=())(gated_backward)
+gated_forward_op = launcher_op("gated_forward", gated_forward)
+gated_backward_op = launcher_op("gated_backward", gated_backward)
 
 
 # -- the kernel contract, for either operator ----------------------------------------------------------------------

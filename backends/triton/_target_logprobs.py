@@ -20,7 +20,7 @@ Backward, given ``coef`` = d loss / d logp per row (and ``second_coef`` for the 
    fused_linear_cross_entropy), grad_b += dlogits.sum(0) in fp32.
 
 Memory beyond inputs and gradients: one chunk of logits (CHUNK_BYTES) and a few fp32 values per row. No host
-synchronisation. Eagerly the two passes are plain calls; under torch.compile they run as ``torch.library.triton_op``
+synchronisation. Eagerly the two passes are plain calls; under torch.compile they run as custom ops opaque to Inductor
 (see rms_norm.py, cross_entropy.py).
 """
 
@@ -34,7 +34,7 @@ import triton.language as tl
 from . import fused_linear_cross_entropy as flce
 from .cross_entropy import ROW_WARPS, row_block
 from .fused_linear_cross_entropy import _accumulate_weight_gradient
-from .rms_norm import _launch, cast_to
+from .rms_norm import _launch, cast_to, launcher_op
 
 # Most bytes one chunk's logits (in the input dtype) may take, per device type: the same budget as
 # fused_linear_cross_entropy's, kept apart so that it can be tuned (and patched by tests) on its own.
@@ -207,12 +207,8 @@ def target_logprobs_backward(
     return grad_x, grad_weight, grad_bias.to(bias.dtype) if want_bias else grad_bias
 
 
-target_logprobs_forward_op = torch.library.triton_op("liger_triton::target_logprobs_forward", mutates_args=())(
-    target_logprobs_forward
-)
-target_logprobs_backward_op = torch.library.triton_op("liger_triton::target_logprobs_backward", mutates_args=())(
-    target_logprobs_backward
-)
+target_logprobs_forward_op = launcher_op("target_logprobs_forward", target_logprobs_forward)
+target_logprobs_backward_op = launcher_op("target_logprobs_backward", target_logprobs_backward)
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
@@ -222,7 +218,7 @@ def rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def forward_pass(x, weight, bias, target, second, ignore_index: int, row_sums: bool):
-    """The forward pass on (..., H) inputs and (...) targets, eagerly or as the triton_op under torch.compile. It
+    """The forward pass on (..., H) inputs and (...) targets, eagerly or as the custom op under torch.compile. It
     builds no autograd graph: callers differentiate through `backward_pass`."""
     launcher = target_logprobs_forward_op if torch.compiler.is_compiling() else target_logprobs_forward
     with torch.no_grad():

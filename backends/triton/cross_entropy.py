@@ -22,7 +22,7 @@ the caller says it allocated the buffer itself (the fused-linear cross entropy d
 A target outside [0, V) that is not ignore_index is never used as an address: its row's loss is NaN (the batch loss
 with it) and its CE term contributes no gradient, exactly as the reference backend behaves.
 
-Under torch.compile the allocating launcher runs as a ``torch.library.triton_op``; eagerly it is a plain call (see
+Under torch.compile the allocating launcher runs as a custom op opaque to Inductor; eagerly it is a plain call (see
 rms_norm.py).
 """
 
@@ -35,7 +35,7 @@ import triton.language as tl
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_in_place
-from .rms_norm import DTYPES, _launch, cast_to
+from .rms_norm import DTYPES, _launch, cast_to, launcher_op
 
 REDUCTIONS = ("mean", "sum", "none")
 # Chunk of a row per step of the sweeps (elements) and warps of the row kernel: starting points from the register
@@ -332,20 +332,24 @@ def finish(
     return_z_loss: bool,
     return_token_accuracy: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, z_loss, token_accuracy) from the per-row terms; an empty tensor for what was not asked."""
+    """(loss, z_loss, token_accuracy) from the per-row terms; an empty tensor for what was not asked (one each: the
+    outputs of a custom op may not alias one another)."""
     ce_rows, z_rows, pred = rows
     device = ce_rows.device
-    empty = torch.empty((0,), dtype=dtype, device=device)
+
+    def empty():
+        return torch.empty((0,), dtype=dtype, device=device)
+
     if reduction == "none":
         loss = (ce_rows + z_rows if z_scale > 0 else ce_rows).to(dtype)
-        z_loss = z_rows.to(dtype) if return_z_loss else empty
-        accuracy = empty
+        z_loss = z_rows.to(dtype) if return_z_loss else empty()
+        accuracy = empty()
         if return_token_accuracy:
             accuracy = ((pred == target) & (target != ignore_index)).to(torch.float32)
         return loss, z_loss, accuracy
     loss = torch.empty((), dtype=dtype, device=device)
-    z_loss = torch.empty((), dtype=dtype, device=device) if return_z_loss else empty
-    accuracy = torch.empty((), dtype=torch.float32, device=device) if return_token_accuracy else empty
+    z_loss = torch.empty((), dtype=dtype, device=device) if return_z_loss else empty()
+    accuracy = torch.empty((), dtype=torch.float32, device=device) if return_token_accuracy else empty()
     _launch(cross_entropy_reduce_kernel)[(1,)](
         ce_rows, z_rows, pred if pred is not None else ce_rows, target, stats, loss, z_loss, accuracy,
         ce_rows.shape[0], ignore_index,
@@ -424,9 +428,7 @@ def cross_entropy_forward_into_logits(
     return outputs
 
 
-cross_entropy_forward_op = torch.library.triton_op("liger_triton::cross_entropy_forward", mutates_args=())(
-    cross_entropy_forward
-)
+cross_entropy_forward_op = launcher_op("cross_entropy_forward", cross_entropy_forward)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ Backward. Repeated indices accumulate in fp32 and are rounded once to the weight
   BLOCK_RUN rows at a time, and writes the row once. A very long run (one token repeated thousands of times) is
   walked by one program per column block, slower but still correct.
 
-No host synchronisation on either path. Under torch.compile the launchers run as ``torch.library.triton_op``s;
+No host synchronisation on either path. Under torch.compile the launchers run as custom ops opaque to Inductor;
 eagerly they are plain calls (see rms_norm.py's launchers for why).
 """
 
@@ -35,7 +35,7 @@ import triton.language as tl
 from liger_core.operators.embedding import padding_row
 from liger_core.spec import KernelSpec
 
-from .rms_norm import DTYPES, _launch, _rows, cast_to
+from .rms_norm import DTYPES, _launch, _rows, cast_to, launcher_op
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 # Elements of one program's tile and the widest column block: a row of E <= MAX_BLOCK_COLS is one block; wider rows
@@ -257,8 +257,8 @@ def embedding_backward(
     return dw
 
 
-embedding_forward_op = torch.library.triton_op("liger_triton::embedding_forward", mutates_args=())(embedding_forward)
-embedding_backward_op = torch.library.triton_op("liger_triton::embedding_backward", mutates_args=())(embedding_backward)
+embedding_forward_op = launcher_op("embedding_forward", embedding_forward)
+embedding_backward_op = launcher_op("embedding_backward", embedding_backward)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from liger_core.spec import KernelSpec
 
 from .cross_entropy import contiguous_rows, finish, launch_rows, launch_stats, row_buffers, scale_in_place
-from .rms_norm import DTYPES
+from .rms_norm import DTYPES, launcher_op
 
 # Most bytes one chunk's logits (in the input dtype) may take, per device type. On the GPU, rows per chunk trade
 # memory for the efficiency of the grad_W GEMM, whose depth is the chunk's row count: 128 MiB gives 512 rows at
@@ -198,12 +198,12 @@ def fused_linear_cross_entropy_backward_rows(
     return _or_empty(grad_x, x), _or_empty(grad_weight, x), _or_empty(grad_bias, x)
 
 
-fused_linear_cross_entropy_forward_op = torch.library.triton_op(
-    "liger_triton::fused_linear_cross_entropy_forward", mutates_args=()
-)(fused_linear_cross_entropy_forward)
-fused_linear_cross_entropy_backward_rows_op = torch.library.triton_op(
-    "liger_triton::fused_linear_cross_entropy_backward_rows", mutates_args=()
-)(fused_linear_cross_entropy_backward_rows)
+fused_linear_cross_entropy_forward_op = launcher_op(
+    "fused_linear_cross_entropy_forward", fused_linear_cross_entropy_forward
+)
+fused_linear_cross_entropy_backward_rows_op = launcher_op(
+    "fused_linear_cross_entropy_backward_rows", fused_linear_cross_entropy_backward_rows
+)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ Tiling, chosen on the host from M alone (`tile`):
 Every edge is masked (M, N, and K/4 not multiples of the blocks); when K/4 is a multiple of BLOCK_K the K mask is
 compiled out. Any strides are accepted (the pointers carry them), so nothing is copied.
 
-Under torch.compile the launcher runs as a ``torch.library.triton_op``; eagerly it is a plain call (see rms_norm).
+Under torch.compile the launcher runs as a custom op opaque to Inductor; eagerly it is a plain call (see rms_norm).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import triton.language as tl
 from liger_core.operators.int2_matmul import CODES_PER_BYTE
 from liger_core.spec import KernelSpec
 
-from .rms_norm import _launch, sm_count
+from .rms_norm import _launch, launcher_op, sm_count
 
 GROUP_M = 8  # output-tile rows per L2 group in the large-M tiling
 MIN_K_BLOCKS_PER_SPLIT = 2  # a split-K program walks at least this many BLOCK_K steps
@@ -175,7 +175,7 @@ def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages)
 
 
-int2_matmul_op = torch.library.triton_op("liger_triton::int2_matmul", mutates_args=())(int2_matmul)
+int2_matmul_op = launcher_op("int2_matmul", int2_matmul)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------

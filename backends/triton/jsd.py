@@ -15,7 +15,7 @@ recomputed it; the price is the gradient buffer existing from the forward on ins
 ``GRADIENT_IN_FORWARD = False`` selects the recomputing backward (kept: it is what a retained graph would need).
 
 The shared elementwise math (``jsd_terms``) is also used by fused_linear_jsd. Under torch.compile the launchers run
-as ``torch.library.triton_op``s; eagerly they are plain calls (see rms_norm.py's launchers for why). They never write
+as custom ops opaque to Inductor; eagerly they are plain calls (see rms_norm.py's launchers for why). They never write
 their inputs.
 """
 
@@ -30,7 +30,7 @@ import triton.language as tl
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_by_gradient
-from .rms_norm import DTYPES, _launch, cast_to, sm_count
+from .rms_norm import DTYPES, _launch, cast_to, launcher_op, sm_count
 
 # beta's special cases as a compile-time constant of the kernels.
 FORWARD_KL = tl.constexpr(0)  # beta = 0: KL(P‖Q)
@@ -226,8 +226,8 @@ def jsd_backward(
     return grad
 
 
-jsd_forward_op = torch.library.triton_op("liger_triton::jsd_forward", mutates_args=())(jsd_forward)
-jsd_backward_op = torch.library.triton_op("liger_triton::jsd_backward", mutates_args=())(jsd_backward)
+jsd_forward_op = launcher_op("jsd_forward", jsd_forward)
+jsd_backward_op = launcher_op("jsd_backward", jsd_backward)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------

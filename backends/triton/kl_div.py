@@ -12,7 +12,7 @@ the forward plus a read and a write in the backward, and no (input-sized) buffer
 upstream gradient is either elementwise ("none") or a 0-D tensor read on the device; a broadcast one (all strides 0,
 as ``loss.sum()`` hands back) is read as a scalar too.
 
-Under torch.compile the launchers run as ``torch.library.triton_op``s; eagerly they are plain calls (see rms_norm.py's
+Under torch.compile the launchers run as custom ops opaque to Inductor; eagerly they are plain calls (see rms_norm.py's
 launchers for why). They never write their inputs.
 """
 
@@ -24,7 +24,7 @@ import triton.language as tl
 
 from liger_core.spec import KernelSpec
 
-from .rms_norm import DTYPES, _launch, cast_to, sm_count
+from .rms_norm import DTYPES, _launch, cast_to, launcher_op, sm_count
 
 TARGET_DTYPES = DTYPES + (torch.float64,)  # y_true is only read (and rounded to fp32, as the reference does)
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
@@ -130,8 +130,8 @@ def kl_div_backward(
     return dx
 
 
-kl_div_forward_op = torch.library.triton_op("liger_triton::kl_div_forward", mutates_args=())(kl_div_forward)
-kl_div_backward_op = torch.library.triton_op("liger_triton::kl_div_backward", mutates_args=())(kl_div_backward)
+kl_div_forward_op = launcher_op("kl_div_forward", kl_div_forward)
+kl_div_backward_op = launcher_op("kl_div_backward", kl_div_backward)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------

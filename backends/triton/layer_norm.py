@@ -42,6 +42,7 @@ from .rms_norm import (
     cast_to,
     forward_chunk,
     forward_tile,
+    launcher_op,
     partition_rows,
     sm_count,
 )
@@ -226,7 +227,7 @@ def layer_norm_backward_chunked_kernel(
         tl.store(partial + n_cols + cols, db, mask=col_mask)
 
 
-# -- launchers (plain calls eagerly, triton_ops under torch.compile: see rms_norm.py) ------------------------------
+# -- launchers (plain calls eagerly, custom ops under torch.compile: see rms_norm.py) ------------------------------
 
 
 def layer_norm_forward(
@@ -310,10 +311,8 @@ def layer_norm_backward(
     return dx, partial.sum(dim=0)
 
 
-layer_norm_forward_op = torch.library.triton_op("liger_triton::layer_norm_forward", mutates_args=())(layer_norm_forward)
-layer_norm_backward_op = torch.library.triton_op("liger_triton::layer_norm_backward", mutates_args=())(
-    layer_norm_backward
-)
+layer_norm_forward_op = launcher_op("layer_norm_forward", layer_norm_forward)
+layer_norm_backward_op = launcher_op("layer_norm_backward", layer_norm_backward)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------

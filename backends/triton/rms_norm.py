@@ -15,7 +15,7 @@ Two layouts, chosen on the host from the hidden size H alone:
 dW is never accumulated with atomics: each program writes one fp32 row of a (programs, H) buffer, which torch sums,
 so the result is deterministic for a given GPU.
 
-Under torch.compile the launchers run as ``torch.library.triton_op``s, so Inductor sees into them; eagerly they are
+Under torch.compile the launchers run as custom ops opaque to Inductor; eagerly they are
 plain calls (see the launchers' comment). Either way they allocate and return their outputs and never write their
 inputs.
 """
@@ -27,6 +27,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 
 from liger_core.spec import KernelSpec
 
@@ -305,24 +306,27 @@ def partition_rows(n_rows: int, rows_per_step: int, programs: int) -> tuple[int,
 
 
 # -- launchers ---------------------------------------------------------------------------------------------------
-# Under torch.compile the launchers run as torch.library.triton_ops, so Inductor sees into the kernels. Eagerly they
-# are called as plain functions: going through the custom-op dispatcher costs tens of microseconds of host time per
-# call, more than the kernels themselves take on the GPU at Llama shapes.
+# Eagerly the launchers are called as plain functions: going through the custom-op dispatcher costs tens of
+# microseconds of host time per call, more than the kernels themselves take on the GPU at Llama shapes. Under
+# torch.compile they run as custom ops opaque to Inductor (``launcher_op``): the compiled graph calls the launcher
+# with real tensors, exactly as eagerly. (With torch.library.triton_op, which lets Inductor inline the kernels, the
+# compiled Llama training step hit an illegal memory access on the H200 and the jsd and kl_div compile tests failed;
+# the causes were not isolated. An opaque op runs the same code as eager mode.)
 
-# The tensor types a kernel can be launched on directly. Tracing hands the launchers FakeTensors or FunctionalTensors.
+# The tensor types a kernel can be launched on directly; tracing also hands code FakeTensors or FunctionalTensors.
 _REAL_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def traced(tensor: torch.Tensor) -> bool:
-    """Whether torch.compile is tracing the code that sees `tensor` (it may be running a triton_op's body on fake
-    tensors, outside the traced frame, where ``torch.compiler.is_compiling()`` is False)."""
+    """Whether torch.compile is tracing the code that sees `tensor`: Dynamo's frame (``is_compiling()``), or a fake
+    run of a custom op, outside the traced frame, where ``is_compiling()`` is False."""
     return type(tensor) not in _REAL_TENSOR_TYPES or torch.compiler.is_compiling()
 
 
 class _TritonLauncher:
-    """``_launch(kernel)[grid](*args, **meta)``: ``kernel[grid](...)`` on real tensors, and through
-    ``torch.library.wrap_triton`` while torch.compile traces (see ``traced``: a plain launch on fake tensors fails on
-    their data pointers). Every kernel's first argument is a tensor."""
+    """``_launch(kernel)[grid](*args, **meta)``: ``kernel[grid](...)``, except on fake tensors (a launcher run as a
+    custom op's fake implementation, to learn its outputs' shapes): they hold no data, so there is nothing to launch.
+    Every kernel's first argument is a tensor."""
 
     __slots__ = ("kernel",)
 
@@ -333,8 +337,8 @@ class _TritonLauncher:
         kernel = self.kernel
 
         def launch(*args, **meta):
-            if traced(args[0]):
-                return torch.library.wrap_triton(kernel)[grid](*args, **meta)
+            if isinstance(args[0], FakeTensor):
+                return None
             return kernel[grid](*args, **meta)
 
         return launch
@@ -342,6 +346,15 @@ class _TritonLauncher:
 
 def _launch(kernel) -> _TritonLauncher:
     return _TritonLauncher(kernel)
+
+
+def launcher_op(name: str, launcher):
+    """`launcher` (a function that allocates its outputs, launches kernels and returns the outputs, never writing its
+    inputs) as the custom op ``liger_triton::<name>``, for torch.compile: opaque to Inductor, and its own fake
+    implementation (its launches are skipped on fake tensors, see ``_launch``). Called only while compiling."""
+    op = torch.library.custom_op(f"liger_triton::{name}", launcher, mutates_args=())
+    op.register_fake(launcher)
+    return op
 
 
 def rms_norm_forward(
@@ -442,8 +455,8 @@ def rms_norm_backward(
     return dx, dw
 
 
-rms_norm_forward_op = torch.library.triton_op("liger_triton::rms_norm_forward", mutates_args=())(rms_norm_forward)
-rms_norm_backward_op = torch.library.triton_op("liger_triton::rms_norm_backward", mutates_args=())(rms_norm_backward)
+rms_norm_forward_op = launcher_op("rms_norm_forward", rms_norm_forward)
+rms_norm_backward_op = launcher_op("rms_norm_backward", rms_norm_backward)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------

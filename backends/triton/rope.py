@@ -25,7 +25,7 @@ its tokens once and rotates BLOCK_H heads of them, as a (BLOCK_T, BLOCK_H, BLOCK
 slowest axis, the head features along the fastest, so loads and stores of each half are contiguous and vectorise
 (R/2, D and the strides' divisibility are compile-time facts). Short heads get several tokens per program.
 
-Under torch.compile the launchers run as ``torch.library.triton_op``s; eagerly they are plain calls (see
+Under torch.compile the launchers run as custom ops opaque to Inductor; eagerly they are plain calls (see
 rms_norm.py's launchers for why). They allocate their outputs and never write their inputs.
 """
 
@@ -38,7 +38,7 @@ import triton.language as tl
 from liger_core.operators.rope import rotated_width
 from liger_core.spec import KernelSpec
 
-from .rms_norm import DTYPES, _launch, cast_to
+from .rms_norm import DTYPES, _launch, cast_to, launcher_op
 
 # Elements of one program's tile (both halves and the pass-through, over its tokens and heads), and the largest head
 # size served (a whole head sits in one tile; no model comes near it).
@@ -213,8 +213,8 @@ def rope_backward(
     return dq, dk
 
 
-rope_forward_op = torch.library.triton_op("liger_triton::rope_forward", mutates_args=())(rope_forward)
-rope_backward_op = torch.library.triton_op("liger_triton::rope_backward", mutates_args=())(rope_backward)
+rope_forward_op = launcher_op("rope_forward", rope_forward)
+rope_backward_op = launcher_op("rope_backward", rope_backward)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------
