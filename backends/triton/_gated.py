@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import DTYPES, _launch, _rows, cast_to, launcher_op, traced
+from .rms_norm import DTYPES, _launch, _rows, cast_to, cdiv, launcher_op, next_power_of_2, traced
 
 SILU = tl.constexpr(0)
 GELU_TANH = tl.constexpr(1)
@@ -111,16 +111,16 @@ def row_tile(n_rows: int, n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_ROWS, BLOCK_COLS, num_warps) of the rows layout: the block width that pads a row least (the widest on
     ties), then as many rows as fill about TILE elements; 16 elements per thread, 1 to 8 warps."""
     block_cols = min(
-        (min(block, triton.next_power_of_2(n_cols)) for block in ROW_BLOCKS),
-        key=lambda block: (triton.cdiv(n_cols, block) * block, -block),
+        (min(block, next_power_of_2(n_cols)) for block in ROW_BLOCKS),
+        key=lambda block: (cdiv(n_cols, block) * block, -block),
     )
-    block_rows = max(1, min(TILE // block_cols, triton.next_power_of_2(n_rows)))
+    block_rows = max(1, min(TILE // block_cols, next_power_of_2(n_rows)))
     return block_rows, block_cols, max(1, min(8, block_rows * block_cols // 512))
 
 
 def flat_tile(numel: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the flat layout."""
-    block = min(FLAT_BLOCK, triton.next_power_of_2(numel))
+    block = min(FLAT_BLOCK, next_power_of_2(numel))
     return block, max(1, min(FLAT_WARPS, block // 512))
 
 
@@ -135,8 +135,8 @@ def _layout(n_rows: int, n_cols: int, *operands: torch.Tensor) -> tuple[tuple, t
         block_rows, block_cols, num_warps = row_tile(n_rows, n_cols)
         shape = (n_rows, n_cols)
         options = {"BLOCK_ROWS": block_rows, "BLOCK_COLS": block_cols, "num_warps": num_warps}
-    col_blocks = triton.cdiv(shape[1], options["BLOCK_COLS"])
-    return shape, (triton.cdiv(shape[0], options["BLOCK_ROWS"]) * col_blocks,), col_blocks, options
+    col_blocks = cdiv(shape[1], options["BLOCK_COLS"])
+    return shape, (cdiv(shape[0], options["BLOCK_ROWS"]) * col_blocks,), col_blocks, options
 
 
 # -- launchers (plain calls eagerly, custom ops under torch.compile: see rms_norm.py) ------------------------------

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import cast_to, traced
+from .rms_norm import cast_to, cdiv, traced
 
 BLOCK = 4096
 NUM_WARPS = 8
@@ -54,7 +54,7 @@ def scale_in_place(buffer: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor
         return buffer
     upstream = upstream.contiguous()  # an expanded upstream has stride 0
     n_cols = buffer.shape[-1] if per_row else 1
-    scale_in_place_kernel[(triton.cdiv(numel, BLOCK),)](
+    scale_in_place_kernel[(cdiv(numel, BLOCK),)](
         buffer, upstream, numel, n_cols, PER_ROW=per_row, BLOCK=BLOCK, num_warps=NUM_WARPS
     )
     torch.autograd.graph.increment_version(buffer)

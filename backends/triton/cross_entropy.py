@@ -35,7 +35,7 @@ import triton.language as tl
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_in_place
-from .rms_norm import DTYPES, _launch, cast_to, launcher_op
+from .rms_norm import DTYPES, _launch, cast_to, launcher_op, next_power_of_2
 
 REDUCTIONS = ("mean", "sum", "none")
 # Chunk of a row per step of the sweeps (elements) and warps of the row kernel: starting points from the register
@@ -261,7 +261,7 @@ def cross_entropy_reduce_kernel(
 
 
 def row_block(n_cols: int) -> int:
-    return max(16, min(BLOCK_V, triton.next_power_of_2(max(n_cols, 1))))
+    return max(16, min(BLOCK_V, next_power_of_2(max(n_cols, 1))))
 
 
 def launch_stats(

@@ -35,7 +35,7 @@ import triton.language as tl
 from liger_core.operators.embedding import padding_row
 from liger_core.spec import KernelSpec
 
-from .rms_norm import DTYPES, _launch, _rows, cast_to, launcher_op
+from .rms_norm import DTYPES, _launch, _rows, cast_to, cdiv, launcher_op, next_power_of_2
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 # Elements of one program's tile and the widest column block: a row of E <= MAX_BLOCK_COLS is one block; wider rows
@@ -177,8 +177,8 @@ def embedding_backward_sorted_kernel(
 def embedding_tile(n_tokens: int, n_cols: int) -> tuple[int, int, int]:
     """(BLOCK_TOKENS, BLOCK_COLS, num_warps): column blocks up to MAX_BLOCK_COLS wide, tokens filling the tile to
     about TILE elements, 4 to 8 warps (16 elements per thread at full tiles)."""
-    block_cols = min(triton.next_power_of_2(n_cols), MAX_BLOCK_COLS)
-    block_tokens = max(1, min(TILE // block_cols, triton.next_power_of_2(max(n_tokens, 1))))
+    block_cols = min(next_power_of_2(n_cols), MAX_BLOCK_COLS)
+    block_tokens = max(1, min(TILE // block_cols, next_power_of_2(max(n_tokens, 1))))
     return block_tokens, block_cols, max(4, min(8, block_tokens * block_cols // 512))
 
 
@@ -194,7 +194,7 @@ def embedding_forward(indices: torch.Tensor, weight: torch.Tensor, pad: int) -> 
     if n_tokens == 0 or n_cols == 0:
         return y
     block_tokens, block_cols, num_warps = embedding_tile(n_tokens, n_cols)
-    grid = (triton.cdiv(n_tokens, block_tokens), triton.cdiv(n_cols, block_cols))
+    grid = (cdiv(n_tokens, block_tokens), cdiv(n_cols, block_cols))
     _launch(embedding_forward_kernel)[grid](
         indices, weight, y,
         n_tokens, n_rows, n_cols, weight.stride(0), pad,
@@ -214,15 +214,15 @@ def embedding_backward(
         return dw
     has_padding = pad >= 0
     block_tokens, block_cols, num_warps = embedding_tile(n_tokens, n_cols)
-    grid = (triton.cdiv(n_tokens, block_tokens), triton.cdiv(n_cols, block_cols))
+    grid = (cdiv(n_tokens, block_tokens), cdiv(n_cols, block_cols))
     if deterministic:
         keep = (indices >= 0) & (indices < n_rows)
         if has_padding:
             keep = keep & (indices != pad)
         keys = torch.where(keep, indices, torch.full_like(indices, n_rows))
         sorted_keys, order = torch.sort(keys, stable=True)
-        sorted_block_cols = min(triton.next_power_of_2(n_cols), MAX_SORTED_BLOCK_COLS)
-        _launch(embedding_backward_sorted_kernel)[(n_tokens, triton.cdiv(n_cols, sorted_block_cols))](
+        sorted_block_cols = min(next_power_of_2(n_cols), MAX_SORTED_BLOCK_COLS)
+        _launch(embedding_backward_sorted_kernel)[(n_tokens, cdiv(n_cols, sorted_block_cols))](
             sorted_keys, order, dy, dw,
             n_tokens, n_rows, n_cols, dy.stride(0),
             BLOCK_RUN=BLOCK_RUN, BLOCK_COLS=sorted_block_cols,
@@ -239,7 +239,7 @@ def embedding_backward(
         owner = torch.full((n_rows,), -1, dtype=torch.int32, device=dy.device)
         sums = torch.zeros((n_tokens, n_cols), dtype=torch.float32, device=dy.device)
         claim_block = 1024
-        _launch(embedding_claim_rows_kernel)[(triton.cdiv(n_tokens, claim_block),)](
+        _launch(embedding_claim_rows_kernel)[(cdiv(n_tokens, claim_block),)](
             indices, owner, n_tokens, n_rows, pad, HAS_PADDING=has_padding, BLOCK_TOKENS=claim_block, num_warps=4
         )
         _launch(embedding_gather_sums_kernel)[grid](

@@ -32,7 +32,7 @@ from liger_core.spec import KernelSpec
 
 from ._scaling import scale_by_gradient
 from .jsd import INDEX_DTYPES, beta_logs, counted_rows, jsd_terms, mode_of
-from .rms_norm import DTYPES, _launch, cast_to
+from .rms_norm import DTYPES, _launch, cast_to, cdiv, next_power_of_2
 
 # Bytes one chunk's student and teacher logits may take together (at the inputs' dtype). Untuned: the GEMMs want
 # chunks of a few hundred rows or more; to be swept on an H200 against the memory target.
@@ -189,13 +189,13 @@ def fused_linear_jsd_forward(
         x_chunk = student_input[start:end]
         student_logits = torch.matmul(x_chunk, student_weight.t())
         teacher_logits = torch.matmul(teacher_input[start:end], teacher_weight.t())
-        _launch(fused_linear_jsd_rows_kernel)[(triton.cdiv(end - start, BLOCK_ROWS),)](
+        _launch(fused_linear_jsd_rows_kernel)[(cdiv(end - start, BLOCK_ROWS),)](
             student_logits, teacher_logits, labels[start:end] if shift_labels is not None else labels, coef,
             row_loss[start:end],
             end - start, vocab, student_logits.stride(0), teacher_logits.stride(0),
             temperature, beta, log_beta, log_1m_beta, ignore_index,
             MODE=mode_of(beta), HAS_LABELS=shift_labels is not None, WANT_GRAD=want_x or want_w,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=min(BLOCK_COLS, triton.next_power_of_2(vocab)),
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=min(BLOCK_COLS, next_power_of_2(vocab)),
             num_warps=NUM_WARPS,
         )  # fmt: skip
         del teacher_logits

@@ -35,7 +35,7 @@ import triton.language as tl
 from liger_core.operators.int2_matmul import CODES_PER_BYTE
 from liger_core.spec import KernelSpec
 
-from .rms_norm import _launch, launcher_op, sm_count
+from .rms_norm import _launch, cdiv, launcher_op, sm_count
 
 GROUP_M = 8  # output-tile rows per L2 group in the large-M tiling
 MIN_K_BLOCKS_PER_SPLIT = 2  # a split-K program walks at least this many BLOCK_K steps
@@ -119,10 +119,10 @@ def tile(m: int) -> tuple[int, int, int, int, int]:
 def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
     """K splits so that `tiles` output tiles make about `programs` programs, each walking at least
     MIN_K_BLOCKS_PER_SPLIT blocks of packed rows; 1 when the tiles alone are enough."""
-    k_blocks = triton.cdiv(k4, block_k)
+    k_blocks = cdiv(k4, block_k)
     if tiles >= programs or k_blocks < 2 * MIN_K_BLOCKS_PER_SPLIT:
         return 1
-    return max(1, min(triton.cdiv(programs, tiles), k_blocks // MIN_K_BLOCKS_PER_SPLIT))
+    return max(1, min(cdiv(programs, tiles), k_blocks // MIN_K_BLOCKS_PER_SPLIT))
 
 
 # -- launchers ---------------------------------------------------------------------------------------------------
@@ -142,17 +142,17 @@ def int2_matmul_tiled(
     m, k = a.shape
     n = b.shape[1]
     k4 = k // CODES_PER_BYTE
-    k_blocks = triton.cdiv(k4, block_k)
+    k_blocks = cdiv(k4, block_k)
     splits = max(1, min(splits, k_blocks))
-    k_span = max(1, triton.cdiv(k_blocks, splits)) * block_k  # packed rows per split, a multiple of BLOCK_K
-    splits = max(1, triton.cdiv(k4, k_span))  # no split left without rows
+    k_span = max(1, cdiv(k_blocks, splits)) * block_k  # packed rows per split, a multiple of BLOCK_K
+    splits = max(1, cdiv(k4, k_span))  # no split left without rows
     if splits > 1:
         c = torch.zeros((m, n), dtype=torch.int32, device=a.device)
     else:
         c = torch.empty((m, n), dtype=torch.int32, device=a.device)
     if m == 0 or n == 0:
         return c
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), splits)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n), splits)
     _launch(int2_matmul_kernel)[grid](
         a, b, c,
         m, n, k4, k_span,
@@ -169,7 +169,7 @@ def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     m, k = a.shape
     n = b.shape[1]
     block_m, block_n, block_k, num_warps, num_stages = tile(m)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
     programs = SPLIT_K_PROGRAMS_PER_SM * sm_count(a.device)
     splits = split_k(tiles, k // CODES_PER_BYTE, block_k, programs)
     return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages)

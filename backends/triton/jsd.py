@@ -30,7 +30,7 @@ import triton.language as tl
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_by_gradient
-from .rms_norm import DTYPES, _launch, cast_to, launcher_op, sm_count
+from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2, sm_count
 
 # beta's special cases as a compile-time constant of the kernels.
 FORWARD_KL = tl.constexpr(0)  # beta = 0: KL(P‖Q)
@@ -146,13 +146,13 @@ def beta_logs(beta: float) -> tuple[float, float]:
 
 def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
     """(BLOCK_ROWS, BLOCK_COLS): a row's columns in blocks of at most MAX_BLOCK_COLS, rows filling a TILE."""
-    block_cols = min(triton.next_power_of_2(max(n_cols, 1)), MAX_BLOCK_COLS)
-    block_rows = max(1, min(TILE // block_cols, triton.next_power_of_2(max(n_rows, 1))))
+    block_cols = min(next_power_of_2(max(n_cols, 1)), MAX_BLOCK_COLS)
+    block_rows = max(1, min(TILE // block_cols, next_power_of_2(max(n_rows, 1))))
     return block_rows, block_cols
 
 
 def grid_size(n_rows: int, n_cols: int, block_rows: int, block_cols: int, device: torch.device) -> int:
-    tiles = triton.cdiv(n_rows, block_rows) * triton.cdiv(n_cols, block_cols)
+    tiles = cdiv(n_rows, block_rows) * cdiv(n_cols, block_cols)
     return max(1, min(tiles, PROGRAMS_PER_SM * sm_count(device)))
 
 

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from liger_core.spec import KernelSpec
 
-from .rms_norm import DTYPES, _launch, cast_to, launcher_op, sm_count
+from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, sm_count
 
 TARGET_DTYPES = DTYPES + (torch.float64,)  # y_true is only read (and rounded to fp32, as the reference does)
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
@@ -87,7 +87,7 @@ def kl_div_backward_kernel(
 
 
 def grid_size(n_elements: int, device: torch.device) -> int:
-    return max(1, min(triton.cdiv(n_elements, BLOCK), PROGRAMS_PER_SM * sm_count(device)))
+    return max(1, min(cdiv(n_elements, BLOCK), PROGRAMS_PER_SM * sm_count(device)))
 
 
 # -- launchers -----------------------------------------------------------------------------------------------------

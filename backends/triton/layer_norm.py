@@ -40,9 +40,11 @@ from .rms_norm import (
     _rows,
     backward_tile,
     cast_to,
+    cdiv,
     forward_chunk,
     forward_tile,
     launcher_op,
+    next_power_of_2,
     partition_rows,
     sm_count,
 )
@@ -242,10 +244,10 @@ def layer_norm_forward(
         return y, stats
     has_bias = bias is not None
     b = bias if has_bias else weight  # never read when has_bias is False
-    block_cols = triton.next_power_of_2(n_cols)
+    block_cols = next_power_of_2(n_cols)
     if block_cols <= MAX_FUSED_FORWARD_COLS:
         block_rows, num_warps = forward_tile(block_cols, n_rows)
-        _launch(layer_norm_forward_kernel)[(triton.cdiv(n_rows, block_rows),)](
+        _launch(layer_norm_forward_kernel)[(cdiv(n_rows, block_rows),)](
             x, y, weight, b, stats,
             n_rows, n_cols, x.stride(0), y.stride(0),
             eps,
@@ -274,12 +276,12 @@ def layer_norm_backward(
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows == 0:
         return dx, torch.zeros((sums, n_cols), dtype=torch.float32, device=x.device)
-    block_cols = triton.next_power_of_2(n_cols)
+    block_cols = next_power_of_2(n_cols)
     if block_cols <= MAX_FUSED_BACKWARD_COLS:
         block_rows, num_warps, programs_per_sm = backward_tile(block_cols, n_rows)
         # As rms_norm: at least 4 tiles of rows per program while that still leaves a program for every SM.
         sms = sm_count(x.device)
-        target = max(min(sms * programs_per_sm, triton.cdiv(n_rows, 4 * block_rows)), sms)
+        target = max(min(sms * programs_per_sm, cdiv(n_rows, 4 * block_rows)), sms)
         rows_per_program, programs = partition_rows(n_rows, block_rows, target)
         partial = torch.empty((programs, sums, n_cols), dtype=torch.float32, device=x.device)
         _launch(layer_norm_backward_kernel)[(programs,)](
@@ -297,9 +299,9 @@ def layer_norm_backward(
             CHUNK=ROW_DOT_CHUNK,
             num_warps=ROW_DOT_WARPS,
         )  # fmt: skip
-        chunks = triton.cdiv(n_cols, BACKWARD_CHUNK)
+        chunks = cdiv(n_cols, BACKWARD_CHUNK)
         target = BACKWARD_CHUNK_PROGRAMS_PER_SM * sm_count(x.device)
-        rows_per_program, programs = partition_rows(n_rows, 1, triton.cdiv(target, chunks))
+        rows_per_program, programs = partition_rows(n_rows, 1, cdiv(target, chunks))
         partial = torch.empty((programs, sums, n_cols), dtype=torch.float32, device=x.device)
         _launch(layer_norm_backward_chunked_kernel)[(programs, chunks)](
             dy, x, weight, stats, terms, dx, partial,

@@ -278,11 +278,22 @@ def backward_tile(block_cols: int, n_rows: int) -> tuple[int, int, int]:
 
 def forward_chunk(n_cols: int) -> int:
     """The widest chunk that does not pad the row more than a narrower one would."""
-    return min(FORWARD_CHUNKS, key=lambda chunk: triton.cdiv(n_cols, chunk) * chunk)
+    return min(FORWARD_CHUNKS, key=lambda chunk: cdiv(n_cols, chunk) * chunk)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` for the host. Triton's own is a ``constexpr_function`` in recent releases: a host call costs
+    microseconds (it unwraps its arguments and imports on every call), and the launchers make several per step."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """``triton.next_power_of_2`` for the host (0 for 0, as Triton's), without its per-call cost (see ``cdiv``)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def _rows_per_tile(block_cols: int, n_rows: int, tile_elements: int) -> int:
-    return max(1, min(tile_elements // block_cols, triton.next_power_of_2(max(n_rows, 1))))
+    return max(1, min(tile_elements // block_cols, next_power_of_2(max(n_rows, 1))))
 
 
 @functools.cache
@@ -300,9 +311,9 @@ def sm_count(device: torch.device) -> int:
 
 def partition_rows(n_rows: int, rows_per_step: int, programs: int) -> tuple[int, int]:
     """(rows each program walks, a multiple of rows_per_step; number of programs), no program left empty."""
-    programs = max(1, min(programs, triton.cdiv(n_rows, rows_per_step)))
-    rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), rows_per_step) * rows_per_step
-    return rows_per_program, triton.cdiv(n_rows, rows_per_program)
+    programs = max(1, min(programs, cdiv(n_rows, rows_per_step)))
+    rows_per_program = cdiv(cdiv(n_rows, programs), rows_per_step) * rows_per_step
+    return rows_per_program, cdiv(n_rows, rows_per_program)
 
 
 # -- launchers ---------------------------------------------------------------------------------------------------
@@ -368,10 +379,10 @@ def rms_norm_forward(
         return y, rstd
     has_weight = weight is not None
     w = weight if has_weight else x  # never read when has_weight is False
-    block_cols = triton.next_power_of_2(n_cols)
+    block_cols = next_power_of_2(n_cols)
     if block_cols <= MAX_FUSED_FORWARD_COLS:
         block_rows, num_warps = forward_tile(block_cols, n_rows)
-        _launch(rms_norm_forward_kernel)[(triton.cdiv(n_rows, block_rows),)](
+        _launch(rms_norm_forward_kernel)[(cdiv(n_rows, block_rows),)](
             x, y, w, rstd,
             n_rows, n_cols, x.stride(0), y.stride(0),
             eps, offset,
@@ -411,13 +422,13 @@ def rms_norm_backward(
         dw = torch.zeros((n_cols,), dtype=weight.dtype, device=x.device)
     if n_rows == 0:
         return dx, dw
-    block_cols = triton.next_power_of_2(n_cols)
+    block_cols = next_power_of_2(n_cols)
     if block_cols <= MAX_FUSED_BACKWARD_COLS:
         block_rows, num_warps, programs_per_sm = backward_tile(block_cols, n_rows)
         # Each program walks a contiguous block of rows and writes one fp32 row of dW partials: at least 4 tiles of
         # rows each while that still leaves a program for every SM, so the partials stay small next to dX.
         sms = sm_count(x.device)
-        target = max(min(sms * programs_per_sm, triton.cdiv(n_rows, 4 * block_rows)), sms)
+        target = max(min(sms * programs_per_sm, cdiv(n_rows, 4 * block_rows)), sms)
         rows_per_program, programs = partition_rows(n_rows, block_rows, target)
         dw_partial = torch.empty((programs if has_weight else 0, n_cols), dtype=torch.float32, device=x.device)
         _launch(rms_norm_backward_kernel)[(programs,)](
@@ -437,10 +448,10 @@ def rms_norm_backward(
             CASTING=casting_mode, HAS_WEIGHT=has_weight, CHUNK=ROW_DOT_CHUNK,
             num_warps=ROW_DOT_WARPS,
         )  # fmt: skip
-        chunks = triton.cdiv(n_cols, BACKWARD_CHUNK)
+        chunks = cdiv(n_cols, BACKWARD_CHUNK)
         # A few programs per SM over the 2-D grid; the row blocks set how many dW partial rows there are.
         target = BACKWARD_CHUNK_PROGRAMS_PER_SM * sm_count(x.device)
-        rows_per_program, programs = partition_rows(n_rows, 1, triton.cdiv(target, chunks))
+        rows_per_program, programs = partition_rows(n_rows, 1, cdiv(target, chunks))
         dw_partial = torch.empty((programs if has_weight else 0, n_cols), dtype=torch.float32, device=x.device)
         _launch(rms_norm_backward_chunked_kernel)[(programs, chunks)](
             dy, x, w, rstd, mean_dn_n, dx, dw_partial,

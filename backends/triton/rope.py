@@ -38,7 +38,7 @@ import triton.language as tl
 from liger_core.operators.rope import rotated_width
 from liger_core.spec import KernelSpec
 
-from .rms_norm import DTYPES, _launch, cast_to, launcher_op
+from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2
 
 # Elements of one program's tile (both halves and the pass-through, over its tokens and heads), and the largest head
 # size served (a whole head sits in one tile; no model comes near it).
@@ -129,12 +129,12 @@ def rope_tile(n_rows: int, q_heads: int, k_heads: int, head_dim: int, rotary_dim
     count (k's under GQA) so that k's blocks are not mostly masked; the rest of the tile goes to more tokens, which
     also shares each token's cos/sin row between more heads. 4 to 8 warps, 16 elements per thread at full tiles
     (two 16-byte bf16 loads). Untuned: to be swept on an H200."""
-    block_half = triton.next_power_of_2(rotary_dim // 2)
-    block_pass = triton.next_power_of_2(head_dim - rotary_dim) if head_dim > rotary_dim else 0
+    block_half = next_power_of_2(rotary_dim // 2)
+    block_pass = next_power_of_2(head_dim - rotary_dim) if head_dim > rotary_dim else 0
     head_elements = 2 * block_half + block_pass
     heads = min(h for h in (q_heads, k_heads) if h > 0) if max(q_heads, k_heads) > 0 else 1
-    block_h = max(1, min(triton.next_power_of_2(heads), TILE // head_elements))
-    block_t = max(1, min(TILE // (block_h * head_elements), triton.next_power_of_2(max(n_rows, 1))))
+    block_h = max(1, min(next_power_of_2(heads), TILE // head_elements))
+    block_t = max(1, min(TILE // (block_h * head_elements), next_power_of_2(max(n_rows, 1))))
     num_warps = max(4, min(8, block_t * block_h * head_elements // 512))
     return block_t, block_h, block_pass, num_warps
 
@@ -174,15 +174,15 @@ def _rope(
     cos, sin = cos.contiguous(), sin.contiguous()
     cos_stride_b = 0 if cos.shape[0] == 1 else cos.stride(0)
     block_t, block_h, block_pass, num_warps = rope_tile(n_rows, q_heads, k_heads, head_dim, rotary_dim)
-    q_head_blocks = triton.cdiv(q_heads, block_h)
-    grid = (triton.cdiv(n_rows, block_t), q_head_blocks + triton.cdiv(k_heads, block_h))
+    q_head_blocks = cdiv(q_heads, block_h)
+    grid = (cdiv(n_rows, block_t), q_head_blocks + cdiv(k_heads, block_h))
     _launch(rope_kernel)[grid](
         q4, k4, qo4, ko4, cos, sin,
         n_rows, seq, q_heads, k_heads, q_head_blocks, cos_stride_b,
         q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
         qo4.stride(0), qo4.stride(1), qo4.stride(2), ko4.stride(0), ko4.stride(1), ko4.stride(2),
         BACKWARD=backward, HALF=rotary_dim // 2, HEAD_DIM=head_dim,
-        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(rotary_dim // 2), BLOCK_PASS=block_pass,
+        BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_HALF=next_power_of_2(rotary_dim // 2), BLOCK_PASS=block_pass,
         num_warps=num_warps,
     )  # fmt: skip
 
