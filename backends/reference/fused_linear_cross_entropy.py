@@ -58,29 +58,17 @@ def _accumulators(x, weight, want: tuple, acc: torch.dtype) -> tuple:
 
 
 def _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, ce_coefficient, z_coefficient, grads, start, acc):
-    """Add one chunk's share to the gradient accumulators ``grads = (grad_x, grad_weight, grad_bias)`` and return
-    them; the chunk's rows start at row `start`. Eagerly they are our own tensors, updated in place. Under
-    torch.compile the sums are out of place: on torch 2.11 (CUDA) in-place updates of these buffers inside the
-    autograd bridge's traced forward were lost and every gradient came back zero (Inductor reuses the memory anyway).
-    """
+    """Add one chunk's share to the gradient accumulators ``grads = (grad_x, grad_weight, grad_bias)`` (our own
+    tensors, so they are updated in place); the chunk's rows start at row `start`."""
     grad_logits = ce.logits_gradient(z, rows, ce_weight, attrs, ce_coefficient, z_coefficient)
     grad_x, grad_weight, grad_bias = grads
-    functional = torch.compiler.is_compiling()
     if grad_x is not None:
-        chunk_grad_x = grad_logits.to(weight.dtype) @ weight
-        if functional:
-            grad_x = grad_x.slice_scatter(chunk_grad_x.to(grad_x.dtype), 0, start, start + x_chunk.shape[0])
-        else:
-            grad_x[start : start + x_chunk.shape[0]] = chunk_grad_x
+        grad_x[start : start + x_chunk.shape[0]] = grad_logits.to(weight.dtype) @ weight
     grad_logits = grad_logits.to(acc)
     if grad_weight is not None:
-        if functional:
-            grad_weight = torch.addmm(grad_weight, grad_logits.t(), x_chunk.to(acc))
-        else:
-            grad_weight.addmm_(grad_logits.t(), x_chunk.to(acc))
+        grad_weight.addmm_(grad_logits.t(), x_chunk.to(acc))
     if grad_bias is not None:
-        grad_bias = grad_bias + grad_logits.sum(0) if functional else grad_bias.add_(grad_logits.sum(0))
-    return grad_x, grad_weight, grad_bias
+        grad_bias.add_(grad_logits.sum(0))
 
 
 def unit_coefficients(reduction: str, weight_sum, count, wide: torch.dtype, device) -> tuple:
@@ -147,9 +135,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
             argmaxes.append(z.argmax(dim=-1))
         if eager_grads and any(want):
             chunk_coefficient = ce_coefficient if scale is None else ce_coefficient * scale
-            grads = _accumulate(
-                z, rows, x_chunk, weight, ce_weight, attrs, chunk_coefficient, z_coefficient, grads, start, acc
-            )
+            _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, chunk_coefficient, z_coefficient, grads, start, acc)
 
     outputs = finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attrs)
 
@@ -180,7 +166,7 @@ def backward(saved: tuple, grad_outputs: tuple) -> tuple:
         z, rows, scale = _chunk(x_chunk, weight, bias, target_chunk, ce_weight, attrs, wide)
         upstream = grad_loss[start : start + step].to(wide)
         ce_coefficient = upstream if scale is None else upstream * scale
-        grads = _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, ce_coefficient, upstream, grads, start, acc)
+        _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, ce_coefficient, upstream, grads, start, acc)
     dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
     return tuple(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, dtypes))
 

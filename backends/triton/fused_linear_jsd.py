@@ -32,7 +32,7 @@ from liger_core.spec import KernelSpec
 
 from ._scaling import scale_by_gradient
 from .jsd import INDEX_DTYPES, beta_logs, counted_rows, jsd_terms, mode_of
-from .rms_norm import DTYPES, _launch, cast_to, cdiv, next_power_of_2
+from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2
 
 # Bytes one chunk's student and teacher logits may take together (at the inputs' dtype). Untuned: the GEMMs want
 # chunks of a few hundred rows or more; to be swept on an H200 against the memory target.
@@ -208,34 +208,7 @@ def fused_linear_jsd_forward(
     return loss, grad_x, grad_w
 
 
-@torch.library.custom_op("liger_triton::fused_linear_jsd_forward", mutates_args=())
-def fused_linear_jsd_forward_op(
-    student_input: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_input: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    shift_labels: torch.Tensor | None,
-    beta: float,
-    ignore_index: int,
-    temperature: float,
-    accum_dtype: torch.dtype,
-    want_x: bool,
-    want_w: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return fused_linear_jsd_forward(
-        student_input, student_weight, teacher_input, teacher_weight, shift_labels,
-        beta, ignore_index, temperature, accum_dtype, want_x, want_w,
-    )  # fmt: skip
-
-
-@fused_linear_jsd_forward_op.register_fake
-def _(student_input, student_weight, teacher_input, teacher_weight, shift_labels, beta, ignore_index, temperature,
-      accum_dtype, want_x, want_w):  # fmt: skip
-    return (
-        student_input.new_empty((), dtype=student_input.dtype),
-        student_input.new_empty(student_input.shape if want_x else (0,)),
-        student_input.new_empty(student_weight.shape if want_w else (0,), dtype=accum_dtype),
-    )
+fused_linear_jsd_forward_op = launcher_op("fused_linear_jsd_forward", fused_linear_jsd_forward)
 
 
 # -- the kernel contract -------------------------------------------------------------------------------------------
