@@ -95,15 +95,28 @@ def measure_case(case: case_module.Case, impl: str, device: torch.device) -> dic
             return row
     try:
         step = _step_function(case.build(_kind(impl), device))
-        from liger_core import autotune
+        from liger_core import autotune, dispatch
 
         tuned_before = autotune.tuning_seconds
+        selections_before = set(dispatch._memo)
+        decisions_before = {repr(sorted(d.items())) for d in autotune.cached_decisions(device)}
         start = time.perf_counter()
         step()
         _synchronize(device)
         row["first_call_ms"] = (time.perf_counter() - start) * 1e3
         # Our autotuner's one-off cost (timing the candidate backends), part of the first call, reported apart.
         row["tuning_ms"] = (autotune.tuning_seconds - tuned_before) * 1e3
+        # Which backend served the case, and the autotuner's own timings of the candidates when it chose here.
+        served = {backend for key, backend in dispatch._memo.items() if key not in selections_before}
+        if served:
+            row["served_by"] = sorted(served)
+        tuned = [
+            {"winner": d["winner"], "times_ms": d["times_ms"]}
+            for d in autotune.cached_decisions(device)
+            if repr(sorted(d.items())) not in decisions_before
+        ]
+        if tuned:
+            row["autotune"] = tuned
         step()
         _synchronize(device)
         if device.type == "cuda":
@@ -284,7 +297,9 @@ def merge(runs: list[dict], selected: list[case_module.Case], impls: list[str], 
             if kept is None or ("ms" not in kept and "ms" in row):
                 best[key] = row
             elif "ms" in row and row["ms"] < kept["ms"]:
-                best[key] = dict(row, first_call_ms=kept.get("first_call_ms", row.get("first_call_ms")))
+                # What only the first round sees (the first call, the selection made in it) stays with the row.
+                firsts = {k: kept[k] for k in ("first_call_ms", "served_by", "autotune") if k in kept}
+                best[key] = {**row, **firsts}
     copy = [run["copy_gbs"] for run in runs if run.get("copy_gbs")]
     return {
         **env,
@@ -310,7 +325,8 @@ def _cell(row: dict | None) -> str:
     if "error" in row:
         return "fails"
     memory = f", {row['peak_extra_mib']:.0f} MiB" if "peak_extra_mib" in row else ""
-    return f"{row['ms']:.3f}{memory}"
+    served = f" [{'/'.join(row['served_by'])}]" if row["impl"] == OURS_PREFIX and row.get("served_by") else ""
+    return f"{row['ms']:.3f}{memory}{served}"
 
 
 def markdown(summary: dict) -> str:

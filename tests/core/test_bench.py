@@ -82,9 +82,15 @@ def test_autotuning_time_is_reported_apart_from_the_medians(tmp_path, monkeypatc
     row = runner.measure_case(cases.rms_norm(5, 33, "small"), "ours", torch.device("cpu"))
     assert "error" not in row, row.get("traceback")
     assert 0 < row["tuning_ms"] < row["first_call_ms"]
+    # The row says which backend served it and what the autotuner measured for each candidate.
+    (decision,) = row["autotune"]
+    assert row["served_by"] == [decision["winner"]]
+    assert len(decision["times_ms"]) >= 2 and all(t > 0 for t in decision["times_ms"].values())
     again = runner.measure_case(cases.rms_norm(5, 33, "small"), "ours", torch.device("cpu"))
     assert again["tuning_ms"] == 0  # the decision is remembered
+    assert "autotune" not in again
     summary = {"impls": ["ours"], "cases": [{"name": row["case"], "op": "rms_norm", "group": "small",
                "ideal_bytes": 1, "flops": 0}], "rows": [row], "device": "cpu", "date": "today", "torch": "x",
                "liger_core": "y", "rounds": 1}  # fmt: skip
-    assert "Autotuning (one-off" in runner.markdown(summary)
+    table = runner.markdown(summary)
+    assert "Autotuning (one-off" in table and f"[{decision['winner']}]" in table
