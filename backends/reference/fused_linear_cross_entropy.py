@@ -104,22 +104,17 @@ def finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attr
     return (loss_out.to(loss_dtype), z_loss, token_accuracy, predicted)
 
 
-def forward(inputs: tuple, attrs: dict, needs_grad: bool):
-    x, weight, target, bias, ce_weight = inputs
-    ce_weight = None if ce_weight is None else ce_weight.detach()  # no gradient to the class weights
+def _forward_pass(x, weight, target, bias, ce_weight, attrs: dict, want: tuple) -> tuple[tuple, tuple]:
+    """(outputs, (grad_x, grad_weight, grad_bias)): the loss and its optional outputs, and for "mean"/"sum" the
+    gradients for a unit upstream gradient of the inputs in `want` (None for the others), in the accumulation
+    dtype."""
     rows_total, vocab = x.shape[0], weight.shape[0]
     wide = torch.promote_types(x.dtype, torch.float32)
     acc = accumulation_dtype(wide, attrs["accum_dtype"])
     reduction = attrs["reduction"]
     weight_sum, count = ce.denominators(target, ce_weight, vocab, attrs["ignore_index"], wide)
-
     # In "mean"/"sum" the forward also computes the gradients for a unit upstream gradient.
-    eager_grads = needs_grad and reduction != "none"
-    want = (
-        eager_grads and x.requires_grad,
-        eager_grads and weight.requires_grad,
-        eager_grads and bias is not None and bias.requires_grad,
-    )
+    want = want if reduction != "none" else (False, False, False)
     grads = _accumulators(x, weight, want, acc)
     ce_coefficient, z_coefficient = unit_coefficients(reduction, weight_sum, count, wide, x.device)
 
@@ -133,18 +128,76 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         z_rows.append(rows.z_loss)
         if stats:
             argmaxes.append(z.argmax(dim=-1))
-        if eager_grads and any(want):
+        if any(want):
             chunk_coefficient = ce_coefficient if scale is None else ce_coefficient * scale
             _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, chunk_coefficient, z_coefficient, grads, start, acc)
+    return finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attrs), grads
 
-    outputs = finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attrs)
+
+def _forward_tensors(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None,
+    ce_weight: torch.Tensor | None,
+    ignore_index: int,
+    lse_square_scale: float,
+    label_smoothing: float,
+    reduction: str,
+    softcap: float | None,
+    return_z_loss: bool,
+    return_token_accuracy: bool,
+    return_predicted_tokens: bool,
+    accum_dtype: torch.dtype | None,
+    use_token_scaling: bool,
+    want_x: bool,
+    want_weight: bool,
+    want_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_forward_pass` as one op opaque to torch.compile, its outputs all tensors (empty for the Nones). Under
+    torch.compile (torch 2.11, CUDA) the traced chunk loop gave all-zero gradients with a right loss, a bug not
+    isolated; run as an opaque op it is the same code as eager mode."""
+    attrs = dict(
+        ignore_index=ignore_index, lse_square_scale=lse_square_scale, label_smoothing=label_smoothing,
+        reduction=reduction, softcap=softcap, return_z_loss=return_z_loss,
+        return_token_accuracy=return_token_accuracy, return_predicted_tokens=return_predicted_tokens,
+        accum_dtype=accum_dtype, use_token_scaling=use_token_scaling,
+    )  # fmt: skip
+    outputs, grads = _forward_pass(x, weight, target, bias, ce_weight, attrs, (want_x, want_weight, want_bias))
+    # One empty tensor per missing output: the outputs of a custom op may not alias one another.
+    return tuple(x.new_empty((0,)) if t is None else t for t in (*outputs, *grads))
+
+
+_forward_op = torch.library.custom_op(
+    "liger_reference::fused_linear_cross_entropy_forward", _forward_tensors, mutates_args=()
+)
+_forward_op.register_fake(_forward_tensors)  # pure PyTorch: it runs on fake tensors as it is
+
+
+def forward(inputs: tuple, attrs: dict, needs_grad: bool):
+    x, weight, target, bias, ce_weight = inputs
+    ce_weight = None if ce_weight is None else ce_weight.detach()  # no gradient to the class weights
+    want = (
+        needs_grad and x.requires_grad,
+        needs_grad and weight.requires_grad,
+        needs_grad and bias is not None and bias.requires_grad,
+    )
+    if torch.compiler.is_compiling():
+        results = _forward_op(
+            x, weight, target, bias, ce_weight, **attrs, want_x=want[0], want_weight=want[1], want_bias=want[2]
+        )
+        asked = (True, attrs["return_z_loss"], attrs["return_token_accuracy"], attrs["return_predicted_tokens"])
+        outputs = tuple(out if wanted else None for out, wanted in zip(results[:4], asked))
+        eager_grads = attrs["reduction"] != "none"
+        grads = tuple(grad if wanted and eager_grads else None for grad, wanted in zip(results[4:], want))
+    else:
+        outputs, grads = _forward_pass(x, weight, target, bias, ce_weight, attrs, want)
 
     if not needs_grad:
         return outputs, None
-    if reduction != "none":
+    if attrs["reduction"] != "none":
         dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return outputs, ("scale", *grads, dtypes)
-    want = (x.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     return outputs, ("recompute", x, weight, target, bias, ce_weight, want, attrs)
 
 
