@@ -43,3 +43,28 @@ def test_one_training_step_on_triton_matches_the_unpatched_model(model_type, mon
     ops = {op for op, _ in served}
     assert {"rms_norm", "fused_linear_cross_entropy"} <= ops and ({"swiglu", "geglu"} & ops), served
     assert {backend for _, backend in served} == {"triton"}, served
+
+
+def test_compiled_patched_llama_on_triton_matches_the_unpatched_model(monkeypatch):
+    # torch.compile over the whole patched model (graph breaks allowed, as users compile): the Triton launchers run
+    # as custom ops inside the compiled graph. On the H200 this path crashed while Inductor inlined the kernels.
+    import torch._dynamo.testing
+
+    monkeypatch.setenv("LIGER_KERNEL_BACKEND", "triton")
+    torch._dynamo.reset()
+    reference = tiny_model("llama")
+    patched = patched_copy(reference, "instance")
+    reference.train()
+    patched.train()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(patched, backend=counter)
+    input_ids, labels = batch()
+    expected = reference(input_ids=input_ids, labels=labels).loss
+    expected.backward()
+    got = compiled(input_ids=input_ids, labels=labels).loss
+    got.backward()
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-4, atol=1e-5)
+    assert_same_grads(reference, patched, rtol=1e-3, atol=1e-5)
+    traced = "".join(graph.print_readable(print_output=False) for graph in counter.graphs)
+    for launcher in ("rms_norm_forward", "rope_forward", "gated_forward", "fused_linear_cross_entropy_forward"):
+        assert f"liger_triton.{launcher}" in traced, launcher
