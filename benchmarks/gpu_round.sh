@@ -26,4 +26,5 @@ if [ -z "${SKIP_BENCH:-}" ]; then
     timeout "${BENCH_SECONDS:-400}" liger-kernel bench --out "$work/bench.json" --peer /tmp/peer \
         --rounds "${BENCH_ROUNDS:-1}" ${BENCH_IMPLS:+--impls "$BENCH_IMPLS"} ${BENCH_GROUPS:+--groups "$BENCH_GROUPS"} \
         ${BENCH_OPS:+--ops "$BENCH_OPS"} 2>&1 | tee "$work/bench.log" | tail -60
+    liger-kernel info --autotune >"$work/autotune.txt" 2>&1  # every decision the runs made, with its timings
 fi
