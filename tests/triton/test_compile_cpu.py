@@ -14,10 +14,11 @@ import liger_core
 from liger_core.registry import get_registry
 
 
-def _inputs(op: str, seed: int):
+def _inputs(op: str, seed: int, case: dict):
     spec = get_registry().operator(op)
-    dtype = torch.bfloat16 if torch.bfloat16 in spec.dtypes else spec.dtypes[0]  # int2_matmul takes int8
-    inputs, attrs = spec.make_inputs("cpu", dtype, "tiny", seed)
+    # fp32: the interpreter's bf16 tl.dot is wrong (DESIGN.md), and compiled and eager must agree to rounding.
+    dtype = torch.float32 if torch.float32 in spec.dtypes else spec.dtypes[0]  # int2_matmul takes int8
+    inputs, attrs = spec.make_inputs("cpu", dtype, "tiny", seed, **case)
     inputs = tuple(
         t.requires_grad_(True) if isinstance(t, torch.Tensor) and i in spec.differentiable_inputs else t
         for i, t in enumerate(inputs)
@@ -45,8 +46,7 @@ def _assert_close(got, expected):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
         return
     # The same kernels run in both; only glue (a scaling done out of place under compile) may round differently.
-    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(got, expected, atol=2 * 2**-7 * scale, rtol=2 * 2**-7)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 OPS = [
@@ -61,18 +61,26 @@ def test_the_list_covers_every_triton_operator():
     assert sorted(OPS) == sorted(op for op in registry.operator_names() if "triton" in registry.implementations(op))
 
 
-@pytest.mark.parametrize("op", OPS)
-def test_triton_operator_compiles_and_matches_eager(op):
+def _cases():
+    registry = get_registry()
+    for op in OPS:
+        for index, case in enumerate(registry.operator(op).cases):
+            yield pytest.param(op, case, id=f"{op}-case{index}")
+
+
+@pytest.mark.parametrize("op, case", list(_cases()))
+def test_triton_operator_compiles_and_matches_eager(op, case):
+    """Every conformance case of every operator (its attribute sets: options, optional inputs)."""
     import torch._dynamo.testing
 
     torch._dynamo.reset()
-    spec, _, attrs = _inputs(op, 0)
+    spec, _, attrs = _inputs(op, 0, case)
     eager = lambda *xs: liger_core.call(op, *xs, impl="triton", **attrs)  # noqa: E731
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(eager, fullgraph=True, backend=counter)
     for seed in (0, 1):  # the second step must reuse the first step's graph
-        got_outputs, got_grads = _forward_backward(compiled, spec, _inputs(op, seed)[1])
-    expected_outputs, expected_grads = _forward_backward(eager, spec, _inputs(op, 1)[1])
+        got_outputs, got_grads = _forward_backward(compiled, spec, _inputs(op, seed, case)[1])
+    expected_outputs, expected_grads = _forward_backward(eager, spec, _inputs(op, 1, case)[1])
     for got, expected in zip(got_outputs, expected_outputs):
         _assert_close(got, expected)
     assert len(got_grads) == len(expected_grads)
