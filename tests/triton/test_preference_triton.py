@@ -280,46 +280,6 @@ def test_declines_mismatched_dtypes(device):
     assert len(reasons) == 2 and "weight" in reasons[0] and "ref_weight" in reasons[1]
 
 
-@pytest.fixture(scope="module")
-def opaque_passes(machinery):
-    """The two passes as opaque custom ops with fake implementations: the triton_ops themselves are traced by
-    Inductor on a GPU only (tests/gpu), so on the CPU this checks everything around them under Dynamo."""
-
-    @torch.library.custom_op("liger_test::target_logprobs_forward", mutates_args=())
-    def forward_op(
-        x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor, s: torch.Tensor | None,
-        ignore_index: int, row_sums: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        return tuple(o.clone() for o in machinery.target_logprobs_forward(x, w, b, t, s, ignore_index, row_sums))
-
-    @forward_op.register_fake
-    def _(x, w, b, t, s, ignore_index, row_sums):
-        n = x.shape[0]
-        return tuple(x.new_empty((k,), dtype=torch.float32) for k in (n, n, n if s is not None else 0, row_sums * n))
-
-    @torch.library.custom_op("liger_test::target_logprobs_backward", mutates_args=())
-    def backward_op(
-        x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: torch.Tensor, s: torch.Tensor | None,
-        lse: torch.Tensor, coef: torch.Tensor, second_coef: torch.Tensor | None, ignore_index: int,
-        want_x: bool, want_w: bool, want_b: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-        grads = machinery.target_logprobs_backward(
-            x, w, b, t, s, lse, coef, second_coef, ignore_index, want_x, want_w, want_b
-        )
-        return tuple(g.clone() for g in grads)
-
-    @backward_op.register_fake
-    def _(x, w, b, t, s, lse, coef, second_coef, ignore_index, want_x, want_w, want_b):
-        return (
-            x.new_empty(x.shape if want_x else (0,)),
-            w.new_empty(w.shape if want_w else (0,)),
-            x.new_empty((w.shape[0],) if want_b else (0,), dtype=x.dtype if b is None else b.dtype),
-        )
-
-    return forward_op, backward_op
-
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="on a GPU, tests/gpu compiles the real passes")
 @pytest.mark.parametrize(
     "op, case",
     [
@@ -327,17 +287,15 @@ def opaque_passes(machinery):
         ("fused_linear_orpo", {"with_nll_target": True, "with_bias": True}),
     ],
 )
-def test_compiles_without_graph_break(op, case, machinery, opaque_passes, monkeypatch):
-    """torch.compile(fullgraph=True) around the loss head (jvp of the pair loss, coefficients, the autograd bridge):
-    one graph for two steps, the same loss and gradients as eagerly."""
+def test_compiles_without_graph_break(op, case, device):
+    """torch.compile(fullgraph=True) around the loss head (jvp of the pair loss, coefficients, the autograd bridge,
+    the two passes as opaque custom ops): one graph for two steps, the same loss and gradients as eagerly."""
     import torch._dynamo.testing
 
-    monkeypatch.setattr(machinery, "target_logprobs_forward_op", opaque_passes[0])
-    monkeypatch.setattr(machinery, "target_logprobs_backward_op", opaque_passes[1])
     spec = liger_core.registry.get_registry().operator(op)
 
     def inputs(seed):
-        made, attrs = spec.make_inputs("cpu", torch.float32, "tiny", seed, **case)
+        made, attrs = spec.make_inputs(device, torch.float32, "tiny", seed, **case)
         diff = spec.differentiable_inputs
         return [t.requires_grad_() if i in diff and t is not None else t for i, t in enumerate(made)], attrs
 
