@@ -1,9 +1,10 @@
 """Every Triton kernel's forward and backward run on fake tensors, as torch.compile's tracing runs them.
 
-Dynamo learns a triton_op's outputs by running its body on FakeTensors, outside the traced frame (where
-``torch.compiler.is_compiling()`` is False). A launcher that then calls a kernel directly fails on the fake tensors'
-data pointers; one that reads a value back to the host fails too. This was found on the GPU, but it shows on the
-CPU: with real ``triton.jit`` functions (no interpreter), in a subprocess, fake tensors need no GPU. The outputs'
+Under torch.compile a launcher runs as a custom op whose fake implementation is the launcher itself, on
+FakeTensors, outside the traced frame (where ``torch.compiler.is_compiling()`` is False). A launcher that then
+launched a kernel would fail on the fake tensors' data pointers (found on the GPU); one that read a value back to
+the host would fail too. With real ``triton.jit`` functions (no interpreter), in a subprocess, fake tensors need no
+GPU. The outputs'
 shapes and dtypes must be those of the reference backend's outputs on the same inputs.
 """
 
