@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -271,7 +272,7 @@ def _describe_for_tracing(value) -> tuple:
     floating-point tensors the size of that last dimension (a hidden or vocabulary size: specialising on it costs
     no recompilation in practice). Other sizes may be symbolic under torch.compile, so they are not passed."""
     if isinstance(value, torch.Tensor):
-        last = int(value.shape[-1]) if value.dim() and value.is_floating_point() else -1
+        last = _constant_while_tracing(value.shape[-1]) if value.dim() and value.is_floating_point() else -1
         last_contiguous = bool(value.dim() == 0 or value.stride(-1) == 1)
         return ("tensor", value.dtype, value.device, value.dim(), last, last_contiguous, value.requires_grad)
     return ("value", value)
@@ -288,6 +289,17 @@ def _stand_in(described: tuple):
         strides = tuple(2 * s for s in strides[:-1]) + (2,)
     tensor = torch.empty_strided(sizes, strides, dtype=dtype, device=device)
     return tensor.requires_grad_(requires_grad) if tensor.is_floating_point() else tensor
+
+
+def _constant_while_tracing(value):
+    """`value`, a number made a constant of the trace. Under torch.compile(dynamic=True) Dynamo turns numbers it reads
+    from objects (an operator's default eps, a module's epsilon, a tensor's size) into symbolic values, which the
+    trace-time selection cannot take, and which the kernels need no more than constants. frexp makes Dynamo
+    specialise the value (with a guard on it); ldexp gives the same number back exactly (ints below 2**53)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    exact = math.ldexp(*math.frexp(value))
+    return exact if isinstance(value, float) else int(exact)
 
 
 def _select_while_tracing(op: str, attrs: dict, impl, described: tuple) -> str:
@@ -337,6 +349,7 @@ def call(op: str, *inputs, impl: str | Sequence[str] | None = None, **attrs):
     spec = get_registry().operator(op)
     inputs, attrs = spec.bind(inputs, attrs)
     if torch.compiler.is_compiling():
+        attrs = {name: _constant_while_tracing(value) for name, value in attrs.items()}
         backend = _select_while_tracing(op, attrs, impl, tuple(_describe_for_tracing(v) for v in inputs))
     else:
         backend = _select(spec, inputs, attrs, impl, tracing=False)

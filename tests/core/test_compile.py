@@ -141,3 +141,30 @@ def test_reference_fused_linear_cross_entropy_compiled_matches_eager(options):
         assert e.abs().max() > 0
         torch.testing.assert_close(g, e)
     assert counter.frame_count == 1
+
+
+def test_dynamic_true_with_attributes_read_from_a_module():
+    # Under dynamic=True Dynamo makes the floats and sizes it reads from objects symbolic (a module's eps, the
+    # operator's defaults, a tensor's hidden size); the trace-time selection needs them as constants.
+    torch._dynamo.reset()
+
+    class Norm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(19))
+            self.eps = 1e-5
+
+        def forward(self, x):
+            return liger_core.call("rms_norm", x, self.weight, eps=self.eps, impl="reference")
+
+    norm = Norm()
+    fn, counter = compile_counted_dynamic(norm)
+    for rows in (5, 8, 13):
+        x = torch.randn(rows, 19, requires_grad=True)
+        torch.testing.assert_close(fn(x), norm(x))
+    assert counter.frame_count == 1
+
+
+def compile_counted_dynamic(fn):
+    counter = torch._dynamo.testing.CompileCounter()
+    return torch.compile(fn, fullgraph=True, dynamic=True, backend=counter), counter
