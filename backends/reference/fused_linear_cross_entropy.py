@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from liger_core.opaque import opaque_op
 from liger_core.spec import FLOAT_DTYPES, KernelSpec
 
 from . import cross_entropy as ce
@@ -168,10 +169,8 @@ def _forward_tensors(
     return tuple(x.new_empty((0,)) if t is None else t for t in (*outputs, *grads))
 
 
-_forward_op = torch.library.custom_op(
-    "liger_reference::fused_linear_cross_entropy_forward", _forward_tensors, mutates_args=()
-)
-_forward_op.register_fake(_forward_tensors)  # pure PyTorch: it runs on fake tensors as it is
+# Pure PyTorch: it runs on fake tensors as it is.
+_forward_op = opaque_op("liger_reference::fused_linear_cross_entropy_forward", _forward_tensors)
 
 
 def forward(inputs: tuple, attrs: dict, needs_grad: bool):

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
 
+from liger_core.opaque import opaque_op
 from liger_core.spec import KernelSpec
 
 # casting_mode as a compile-time constant of the kernels.
@@ -289,6 +290,7 @@ def cdiv(a: int, b: int) -> int:
 
 def next_power_of_2(n: int) -> int:
     """``triton.next_power_of_2`` for the host (0 for 0, as Triton's), without its per-call cost (see ``cdiv``)."""
+    n = int(n)  # a launcher's fake run may hand over a symbolic size (see launcher_op)
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
@@ -360,12 +362,10 @@ def _launch(kernel) -> _TritonLauncher:
 
 
 def launcher_op(name: str, launcher):
-    """`launcher` (a function that allocates its outputs, launches kernels and returns the outputs, never writing its
-    inputs) as the custom op ``liger_triton::<name>``, for torch.compile: opaque to Inductor, and its own fake
-    implementation (its launches are skipped on fake tensors, see ``_launch``). Called only while compiling."""
-    op = torch.library.custom_op(f"liger_triton::{name}", launcher, mutates_args=())
-    op.register_fake(launcher)
-    return op
+    """`launcher` as the custom op ``liger_triton::<name>`` opaque to torch.compile (``liger_core.opaque``): it
+    allocates its outputs, launches kernels and returns the outputs; on fake tensors its launches are skipped
+    (``_launch``). Called only while compiling."""
+    return opaque_op(f"liger_triton::{name}", launcher)
 
 
 def rms_norm_forward(

@@ -87,3 +87,48 @@ def test_triton_operator_compiles_and_matches_eager(op, case):
     for got, expected in zip(got_grads, expected_grads):
         _assert_close(got, expected)
     assert counter.frame_count == 1
+
+
+def _row_inputs(op: str, rows: int) -> tuple:
+    """Inputs of `op` with `rows` token rows (the dimension that changes from batch to batch in training)."""
+    g = torch.Generator().manual_seed(rows)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    if op in ("rms_norm", "layer_norm"):
+        x, w = randn(rows, 37).requires_grad_(), randn(37).requires_grad_()
+        return (x, w) if op == "rms_norm" else (x, w, randn(37).requires_grad_())
+    if op == "swiglu":
+        return randn(rows, 29).requires_grad_(), randn(rows, 29).requires_grad_()
+    if op == "cross_entropy":
+        return randn(rows, 53).requires_grad_(), torch.randint(0, 53, (rows,), generator=g), None
+    if op == "fused_linear_cross_entropy":
+        target = torch.randint(0, 53, (rows,), generator=g)
+        return randn(rows, 19).requires_grad_(), randn(53, 19).requires_grad_(), target, None, None
+    if op == "jsd":
+        return randn(rows, 53).log_softmax(-1).requires_grad_(), randn(rows, 53).log_softmax(-1), None
+    raise AssertionError(op)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize(
+    "op", ["rms_norm", "layer_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "jsd"]
+)
+def test_a_new_number_of_rows_does_not_recompile_again(op, impl):
+    """As for PyTorch's own operators: the first new size makes Dynamo recompile with dynamic sizes, and further
+    sizes reuse that graph. (A launcher's grid or chunk arithmetic must not put guards on the sizes in its fake
+    run: liger_core.opaque. The reference's fused-linear CE is such an op too.)"""
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    eager = lambda *xs: liger_core.call(op, *xs, impl=impl)  # noqa: E731
+    compiled = torch.compile(eager, fullgraph=True, backend=counter)
+    spec = get_registry().operator(op)
+    for rows in (5, 7, 11, 13):
+        got_outputs, got_grads = _forward_backward(compiled, spec, _row_inputs(op, rows))
+        expected_outputs, expected_grads = _forward_backward(eager, spec, _row_inputs(op, rows))
+        for got, expected in zip((*got_outputs, *got_grads), (*expected_outputs, *expected_grads)):
+            _assert_close(got, expected)
+    assert counter.frame_count == 2
