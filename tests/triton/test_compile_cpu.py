@@ -108,12 +108,17 @@ def _row_inputs(op: str, rows: int) -> tuple:
         return randn(rows, 19).requires_grad_(), randn(53, 19).requires_grad_(), target, None, None
     if op == "jsd":
         return randn(rows, 53).log_softmax(-1).requires_grad_(), randn(rows, 53).log_softmax(-1), None
+    if op == "rope":  # Hugging Face's layout: (B, T, H, D) projections seen as (B, H, T, D)
+        q, k = randn(2, rows, 4, 8).transpose(1, 2), randn(2, rows, 2, 8).transpose(1, 2)
+        angles = randn(2, rows, 4)
+        angles = torch.cat([angles, angles], dim=-1)
+        return q.requires_grad_(), k.requires_grad_(), angles.cos(), angles.sin()
     raise AssertionError(op)
 
 
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize(
-    "op", ["rms_norm", "layer_norm", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "jsd"]
+    "op", ["rms_norm", "layer_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "jsd"]
 )
 def test_a_new_number_of_rows_does_not_recompile_again(op, impl):
     """As for PyTorch's own operators: the first new size makes Dynamo recompile with dynamic sizes, and further
