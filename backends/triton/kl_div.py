@@ -114,9 +114,12 @@ def kl_div_forward(
 
 
 def kl_div_backward(
-    y_true: torch.Tensor, dy: torch.Tensor, scale: float, log_target: bool, dy_is_scalar: bool, dtype: torch.dtype
+    y_true: torch.Tensor, dy: torch.Tensor, divisor: int, log_target: bool, dy_is_scalar: bool, dtype: torch.dtype
 ) -> torch.Tensor:
-    """y_true: contiguous, 1-D; dy: 0-D or a single element when `dy_is_scalar`, else contiguous like y_true."""
+    """y_true: contiguous, 1-D; dy: 0-D or a single element when `dy_is_scalar`, else contiguous like y_true; the
+    reduction divided the sum by `divisor` (1 for "sum" and "none"). An int, not the scale: under torch.compile it
+    may be a symbolic size, which a float computed from it in the traced code would specialise."""
+    scale = 1.0 / max(divisor, 1)
     n = y_true.numel()
     dx = torch.empty((n,), dtype=dtype, device=y_true.device)
     if n == 0:
@@ -146,20 +149,19 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     elementwise = reduction == "none"
     launcher = kl_div_forward_op if torch.compiler.is_compiling() else kl_div_forward
     result = launcher(pred, true, attrs["eps"], attrs["log_target"], elementwise)
-    n = pred.numel()
     if elementwise:
-        loss, scale = result.view(shape), 1.0
+        loss, divisor = result.view(shape), 1
     elif reduction == "sum":
-        loss, scale = result, 1.0
+        loss, divisor = result, 1
     else:
-        divisor = n if reduction == "mean" else (shape[0] if len(shape) else 1)
-        loss, scale = result / divisor, 1.0 / max(divisor, 1)
-    saved = (true, shape, y_pred.dtype, scale, attrs["log_target"]) if needs_grad else None
+        divisor = pred.numel() if reduction == "mean" else (shape[0] if len(shape) else 1)
+        loss = result / divisor
+    saved = (true, shape, y_pred.dtype, divisor, attrs["log_target"]) if needs_grad else None
     return (loss.to(y_pred.dtype),), saved
 
 
 def backward(saved: tuple, grad_outputs: tuple):
-    true, shape, dtype, scale, log_target = saved
+    true, shape, dtype, divisor, log_target = saved
     (dy,) = grad_outputs
     if dy is None:
         return (None,)
@@ -167,7 +169,7 @@ def backward(saved: tuple, grad_outputs: tuple):
     dy_is_scalar = dy.dim() == 0 or all(stride == 0 for stride in dy.stride())
     dy = dy if dy_is_scalar else dy.reshape(-1).contiguous()
     launcher = kl_div_backward_op if torch.compiler.is_compiling() else kl_div_backward
-    return (launcher(true, dy, scale, log_target, dy_is_scalar, dtype).view(shape),)
+    return (launcher(true, dy, divisor, log_target, dy_is_scalar, dtype).view(shape),)
 
 
 def supports(inputs: tuple, attrs: dict) -> list[str]:
