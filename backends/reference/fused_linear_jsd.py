@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from liger_core.opaque import opaque_op
 from liger_core.spec import FLOAT_DTYPES, KernelSpec
 
 from . import jsd
@@ -20,21 +21,31 @@ from .cross_entropy import safe_divide
 from .fused_linear_cross_entropy import accumulation_dtype, chunk_rows, scaled_gradients
 
 
-def forward(inputs: tuple, attrs: dict, needs_grad: bool):
-    student_input, student_weight, teacher_input, teacher_weight, shift_labels = inputs
-    teacher_input, teacher_weight = teacher_input.detach(), teacher_weight.detach()
-    beta, temperature = attrs["jsd_beta"], attrs["temperature"]
+def _forward_tensors(
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_input: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    shift_labels: torch.Tensor | None,
+    jsd_beta: float,
+    ignore_index: int,
+    temperature: float,
+    accum_dtype: torch.dtype | None,
+    want_x: bool,
+    want_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, grad_x, grad_weight): the gradients for a unit upstream gradient in the accumulation dtype, (0,)-shaped
+    when not wanted."""
+    beta = jsd_beta
     rows_total, vocab = student_input.shape[0], student_weight.shape[0]
     wide = torch.promote_types(student_input.dtype, torch.float32)
-    acc = accumulation_dtype(wide, attrs["accum_dtype"])
-    counted = jsd.labelled(shift_labels, rows_total, attrs["ignore_index"], student_input.device)
+    acc = accumulation_dtype(wide, accum_dtype)
+    counted = jsd.labelled(shift_labels, rows_total, ignore_index, student_input.device)
     row_coefficient = safe_divide(counted.to(wide), counted.sum().to(wide))  # d loss / d row loss
 
-    want_x = needs_grad and student_input.requires_grad
-    want_w = needs_grad and student_weight.requires_grad
     # our own accumulators, updated in place
-    grad_x = torch.zeros(student_input.shape, dtype=acc, device=student_input.device) if want_x else None
-    grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=student_input.device) if want_w else None
+    grad_x = torch.zeros(student_input.shape if want_x else (0,), dtype=acc, device=student_input.device)
+    grad_weight = torch.zeros(student_weight.shape if want_w else (0,), dtype=acc, device=student_input.device)
 
     step = chunk_rows(rows_total, vocab, heads=2)  # a student and a teacher block of logits per chunk
     losses = []
@@ -54,9 +65,28 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
                 grad_weight.addmm_(grad_logits.to(acc).t(), x_chunk.to(acc))
 
     loss = jsd.mean_over_labelled(torch.cat(losses), counted).to(student_input.dtype)
+    return loss, grad_x, grad_weight
+
+
+# Under torch.compile the chunk loop runs as one opaque op (pure PyTorch: its own fake), so that a new number of
+# tokens does not recompile (liger_core.opaque).
+_forward_op = opaque_op("liger_reference::fused_linear_jsd_forward", _forward_tensors)
+
+
+def forward(inputs: tuple, attrs: dict, needs_grad: bool):
+    student_input, student_weight, teacher_input, teacher_weight, shift_labels = inputs
+    want_x = needs_grad and student_input.requires_grad
+    want_w = needs_grad and student_weight.requires_grad
+    run = _forward_op if torch.compiler.is_compiling() else _forward_tensors
+    # The teacher gets no gradient.
+    loss, grad_x, grad_weight = run(
+        student_input, student_weight, teacher_input.detach(), teacher_weight.detach(), shift_labels,
+        **attrs, want_x=want_x, want_w=want_w,
+    )  # fmt: skip
     if not needs_grad:
         return (loss,), None
-    return (loss,), (grad_x, grad_weight, student_input.dtype, student_weight.dtype)
+    grads = (grad_x if want_x else None, grad_weight if want_w else None)
+    return (loss,), (*grads, student_input.dtype, student_weight.dtype)
 
 
 def backward(saved: tuple, grad_outputs: tuple) -> tuple:

@@ -108,6 +108,8 @@ def _row_inputs(op: str, rows: int) -> tuple:
         return randn(rows, 19).requires_grad_(), randn(53, 19).requires_grad_(), target, None, None
     if op == "jsd":
         return randn(rows, 53).log_softmax(-1).requires_grad_(), randn(rows, 53).log_softmax(-1), None
+    if op == "fused_linear_jsd":
+        return randn(rows, 19).requires_grad_(), randn(53, 19).requires_grad_(), randn(rows, 23), randn(53, 23), None
     if op == "kl_div":  # batchmean divides by the number of rows: a size the traced code must not specialise
         return randn(rows, 53).log_softmax(-1).requires_grad_(), randn(rows, 53).softmax(-1)
     if op == "rope":  # Hugging Face's layout: (B, T, H, D) projections seen as (B, H, T, D)
@@ -121,12 +123,22 @@ def _row_inputs(op: str, rows: int) -> tuple:
 @pytest.mark.parametrize("impl", ["triton", "reference"])
 @pytest.mark.parametrize(
     "op",
-    ["rms_norm", "layer_norm", "rope", "swiglu", "cross_entropy", "fused_linear_cross_entropy", "kl_div", "jsd"],
+    [
+        "rms_norm",
+        "layer_norm",
+        "rope",
+        "swiglu",
+        "cross_entropy",
+        "fused_linear_cross_entropy",
+        "kl_div",
+        "jsd",
+        "fused_linear_jsd",
+    ],
 )
 def test_a_new_number_of_rows_does_not_recompile_again(op, impl):
     """As for PyTorch's own operators: the first new size makes Dynamo recompile with dynamic sizes, and further
     sizes reuse that graph. (A launcher's grid or chunk arithmetic must not put guards on the sizes in its fake
-    run: liger_core.opaque. The reference's fused-linear CE is such an op too.)"""
+    run: liger_core.opaque. The reference's fused-linear CE and JSD are such ops too.)"""
     import torch._dynamo.testing
 
     torch._dynamo.reset()
