@@ -155,9 +155,10 @@ def _forward_tensors(
     want_weight: bool,
     want_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_forward_pass` as one op opaque to torch.compile, its outputs all tensors (empty for the Nones). Under
-    torch.compile (torch 2.11, CUDA) the traced chunk loop gave all-zero gradients with a right loss, a bug not
-    isolated; run as an opaque op it is the same code as eager mode."""
+    """`_forward_pass` with its outputs all tensors (empty for the Nones), for the opaque op below. Under
+    torch.compile the chunk loop runs as that op: the same code as eager mode, and no recompilation at each new number
+    of tokens (liger_core.opaque). (Traced instead, it gave all-zero gradients with a right loss on torch 2.11 CUDA,
+    a bug not isolated.)"""
     attrs = dict(
         ignore_index=ignore_index, lse_square_scale=lse_square_scale, label_smoothing=label_smoothing,
         reduction=reduction, softcap=softcap, return_z_loss=return_z_loss,
