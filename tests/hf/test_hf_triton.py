@@ -68,3 +68,21 @@ def test_compiled_patched_llama_on_triton_matches_the_unpatched_model(monkeypatc
     traced = "".join(graph.print_readable(print_output=False) for graph in counter.graphs)
     for launcher in ("rms_norm_forward", "rope_forward", "gated_forward", "fused_linear_cross_entropy_forward"):
         assert f"liger_triton.{launcher}" in traced, launcher
+
+
+def test_compiled_patched_llama_does_not_recompile_for_each_sequence_length(monkeypatch):
+    # Batches padded to their longest sequence change length from step to step; like the unpatched model, the
+    # patched one compiles twice (static, then dynamic) and not once per length.
+    import torch._dynamo.testing
+
+    monkeypatch.setenv("LIGER_KERNEL_BACKEND", "triton")
+    torch._dynamo.reset()
+    reference = tiny_model("llama")
+    patched = patched_copy(reference, "instance")
+    patched.train()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(patched, backend=counter)
+    for length in (9, 11, 13, 17):
+        input_ids, labels = batch(length=length)
+        compiled(input_ids=input_ids, labels=labels).loss.backward()
+    assert counter.frame_count == 2
