@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from liger_core.opaque import opaque_op
 from liger_core.spec import FLOAT_DTYPES, KernelSpec
 
 # Logits elements in one tile: 4 Mi, i.e. 16 MiB in fp32 (32 rows at a 128k vocabulary). Tests patch it.
@@ -65,6 +66,22 @@ def _token_pass(x: torch.Tensor, weight: torch.Tensor, bias, gathers: list[torch
         for out, classes in zip(picked, gathers):
             out.append(z.gather(1, classes[start:stop].unsqueeze(1)).squeeze(1))
     return torch.cat(lse), torch.cat(row_sum), [torch.cat(p) for p in picked]
+
+
+def _token_pass_tensors(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gathers: list[torch.Tensor], wide: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    return _token_pass(x, weight, bias, gathers, wide)
+
+
+# Under torch.compile the tile loops run as opaque ops (pure PyTorch: their own fakes), so that a new sequence
+# length does not recompile (liger_core.opaque).
+_token_pass_op = opaque_op("liger_reference::preference_token_pass", _token_pass_tensors)
+
+
+def _default_token_pass(x, weight, bias, gathers, wide):
+    run = _token_pass_op if torch.compiler.is_compiling() else _token_pass
+    return run(x, weight, bias, gathers, wide)
 
 
 def _token_logps(picked, lse, counted, in_range, shape):
@@ -192,7 +209,7 @@ def make_forward(op: str, pairs_fn, extras_fn, always_average: bool, token_pass=
     """The forward of one of the four operators. ``token_pass`` computes pass one (see the module docstring; the
     signature of `_token_pass`, the default): another backend (the inductor plugin) brings a compiled one and
     shares everything else."""
-    token_pass = token_pass or _token_pass
+    token_pass = token_pass or _default_token_pass
 
     def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         x, weight, target, bias = inputs[:4]
@@ -275,47 +292,76 @@ def _gradient_tile(x_tile, w, b, lse, safe, coef, total, nll_safe, nll_coef, wid
     return (dz @ w).to(x_tile.dtype), dz, None if b is None else dz.sum(0)
 
 
+def _gradient_pass(x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef, gradient_tile, tile_rows):
+    """Pass two over the tiles of tokens: (grad_x, grad_weight, grad_bias or None) in the inputs' dtypes."""
+    wide = lse.dtype
+    rows, hidden = x.shape[0] * x.shape[1], x.shape[2]
+    x2d = x.reshape(rows, hidden)
+    w = weight.to(wide)
+    b = bias.to(wide) if bias is not None else None
+    grad_x = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+    grad_w = torch.zeros(w.shape, dtype=wide, device=x.device)  # our own accumulators, updated in place
+    grad_b = torch.zeros(w.shape[0], dtype=wide, device=x.device) if bias is not None else None
+    step = tile_rows(rows, weight.shape[0])
+    for start in range(0, rows, step):
+        tile = slice(start, min(start + step, rows))
+        second = (nll_safe[tile], nll_coef[tile]) if nll_coef is not None else (None, None)
+        grad_x[tile], dz, tile_grad_b = gradient_tile(
+            x2d[tile], w, b, lse[tile], safe[tile], coef[tile], total[tile], *second, wide
+        )
+        grad_w.addmm_(dz.T, x2d[tile].to(wide))
+        if grad_b is not None:
+            grad_b += tile_grad_b
+    return grad_x.view(x.shape), grad_w.to(weight.dtype), grad_b.to(bias.dtype) if grad_b is not None else None
+
+
+def _default_tile_rows(rows: int, vocab: int) -> int:
+    return rows_per_tile(vocab)
+
+
+def _gradient_pass_tensors(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lse: torch.Tensor,
+    safe: torch.Tensor,
+    coef: torch.Tensor,
+    total: torch.Tensor,
+    nll_safe: torch.Tensor | None,
+    nll_coef: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_x, grad_w, grad_b = _gradient_pass(
+        x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef, _gradient_tile, _default_tile_rows
+    )
+    return grad_x, grad_w, x.new_empty((0,)) if grad_b is None else grad_b
+
+
+_gradient_pass_op = opaque_op("liger_reference::preference_gradient_pass", _gradient_pass_tensors)
+
+
 def make_backward(gradient_tile=None, tile_rows=None):
     """The backward of the four operators. ``gradient_tile`` computes one tile of pass two (the signature of
     `_gradient_tile`, the default) and ``tile_rows(rows, vocab)`` its row count (default `rows_per_tile`): another
     backend (the inductor plugin) brings compiled ones and shares the rest."""
+    opaque_when_compiling = gradient_tile is None and tile_rows is None
     gradient_tile = gradient_tile or _gradient_tile
-    tile_rows = tile_rows or (lambda rows, vocab: rows_per_tile(vocab))
+    tile_rows = tile_rows or _default_tile_rows
 
     def backward(saved: tuple, grad_outputs: tuple):
         x, weight, bias, lse, safe, coef, nll_safe, nll_coef = saved
         grad_loss = grad_outputs[0]
         if grad_loss is None:
             return None, None, None
-        wide = lse.dtype
-        scale = grad_loss.to(wide)
+        scale = grad_loss.to(lse.dtype)
         coef = coef * scale
         total = coef
         if nll_coef is not None:
             nll_coef = nll_coef * scale
             total = coef + nll_coef
-        rows, hidden = x.shape[0] * x.shape[1], x.shape[2]
-        x2d = x.reshape(rows, hidden)
-        w = weight.to(wide)
-        b = bias.to(wide) if bias is not None else None
-        grad_x = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-        grad_w = torch.zeros(w.shape, dtype=wide, device=x.device)  # our own accumulators, updated in place
-        grad_b = torch.zeros(w.shape[0], dtype=wide, device=x.device) if bias is not None else None
-        step = tile_rows(rows, weight.shape[0])
-        for start in range(0, rows, step):
-            tile = slice(start, min(start + step, rows))
-            second = (nll_safe[tile], nll_coef[tile]) if nll_coef is not None else (None, None)
-            grad_x[tile], dz, tile_grad_b = gradient_tile(
-                x2d[tile], w, b, lse[tile], safe[tile], coef[tile], total[tile], *second, wide
-            )
-            grad_w.addmm_(dz.T, x2d[tile].to(wide))
-            if grad_b is not None:
-                grad_b += tile_grad_b
-        return (
-            grad_x.view(x.shape),
-            grad_w.to(weight.dtype),
-            grad_b.to(bias.dtype) if grad_b is not None else None,
-        )
+        if opaque_when_compiling and torch.compiler.is_compiling():
+            grad_x, grad_w, grad_b = _gradient_pass_op(x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef)
+            return grad_x, grad_w, grad_b if bias is not None else None
+        return _gradient_pass(x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef, gradient_tile, tile_rows)
 
     return backward
 

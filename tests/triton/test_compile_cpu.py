@@ -112,6 +112,11 @@ def _row_inputs(op: str, rows: int) -> tuple:
         return randn(rows, 19).requires_grad_(), randn(53, 19).requires_grad_(), randn(rows, 23), randn(53, 23), None
     if op == "kl_div":  # batchmean divides by the number of rows: a size the traced code must not specialise
         return randn(rows, 53).log_softmax(-1).requires_grad_(), randn(rows, 53).softmax(-1)
+    if op == "fused_linear_dpo":  # 2 pairs of sequences of `rows` tokens, with a reference model
+        target = torch.randint(0, 53, (4, rows), generator=g)
+        target[0, :2] = -100  # a prompt
+        weight, ref_weight = randn(53, 19).requires_grad_(), randn(53, 19)
+        return randn(4, rows, 19).requires_grad_(), weight, target, None, randn(4, rows, 19), ref_weight, None
     if op == "rope":  # Hugging Face's layout: (B, T, H, D) projections seen as (B, H, T, D)
         q, k = randn(2, rows, 4, 8).transpose(1, 2), randn(2, rows, 2, 8).transpose(1, 2)
         angles = randn(2, rows, 4)
@@ -133,17 +138,18 @@ def _row_inputs(op: str, rows: int) -> tuple:
         "kl_div",
         "jsd",
         "fused_linear_jsd",
+        "fused_linear_dpo",
     ],
 )
 def test_a_new_number_of_rows_does_not_recompile_again(op, impl):
     """As for PyTorch's own operators: the first new size makes Dynamo recompile with dynamic sizes, and further
     sizes reuse that graph. (A launcher's grid or chunk arithmetic must not put guards on the sizes in its fake
-    run: liger_core.opaque. The reference's fused-linear CE and JSD are such ops too.)"""
+    run: liger_core.opaque. The reference's fused-linear losses run their chunk loops as such ops too.)"""
     import torch._dynamo.testing
 
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    attrs = {"reduction": "batchmean"} if op == "kl_div" else {}
+    attrs = {"kl_div": {"reduction": "batchmean"}, "fused_linear_dpo": {"use_ref_model": True}}.get(op, {})
     eager = lambda *xs: liger_core.call(op, *xs, impl=impl, **attrs)  # noqa: E731
     compiled = torch.compile(eager, fullgraph=True, backend=counter)
     spec = get_registry().operator(op)
