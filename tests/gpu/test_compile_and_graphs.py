@@ -97,3 +97,42 @@ def test_cuda_graph_capture_and_replay(op, backend):
     torch.testing.assert_close(static_out, expected_out, atol=1e-2, rtol=1e-2)
     for got, expected in zip(static_grads, expected_grads):
         torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+
+
+def test_compiled_patched_llama_matches_eager_and_compiles_twice_over_lengths():
+    """A patched Llama compiled whole (graph breaks allowed, Inductor) on the GPU, automatic backends: the same loss
+    and gradients as the same model run eagerly, and two graphs over four sequence lengths (the compiled Llama
+    training step crashed on the H200 while Inductor inlined our Triton kernels)."""
+    import copy
+
+    import torch._dynamo.testing
+
+    transformers = pytest.importorskip("transformers")
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    torch._dynamo.reset()
+    config = transformers.LlamaConfig(
+        vocab_size=1000, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).cuda()
+    apply_liger_kernel_to_llama(model=model)
+    model.train()
+    twin = copy.deepcopy(model)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(twin, backend=counter)
+    for length in (33, 47, 64, 80):
+        generator = torch.Generator(device="cuda").manual_seed(length)
+        ids = torch.randint(0, 1000, (2, length), device="cuda", generator=generator)
+        labels = ids.clone()
+        labels[0, :5] = -100
+        expected = model(input_ids=ids, labels=labels).loss
+        expected.backward()
+        got = compiled(input_ids=ids, labels=labels).loss
+        got.backward()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+            p.grad = q.grad = None
+    assert counter.frame_count == 2
