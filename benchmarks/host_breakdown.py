@@ -66,7 +66,7 @@ def main() -> None:
         "triton CompiledKernel[grid](...)": compiled_launch,
         "triton CompiledKernel.run(...)": compiled_run,
         "our rms_norm_forward launcher": lambda: triton_rms_norm.rms_norm_forward(xd, wd, 1e-6, 0.0, 0),
-        "our rms_norm_backward launcher": lambda: triton_rms_norm.rms_norm_backward(dy, xd, wd, rstd, 0.0, 0),
+        "our rms_norm_backward launcher": lambda: triton_rms_norm.rms_norm_backward(dy, xd, wd, rstd, 0.0, 0, True),
     }
     for impl in ("triton", "cuda"):
         pieces[f"call {impl}, no grad"] = lambda impl=impl: liger_core.call("rms_norm", xd, wd, impl=impl)

@@ -151,12 +151,14 @@ def rms_norm_backward_kernel(
     n_rows, n_cols, rows_per_program,
     dy_row_stride, x_row_stride, dx_row_stride,
     offset,
-    CASTING: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    CASTING: tl.constexpr, HAS_WEIGHT: tl.constexpr, WANT_DW: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
 ):  # fmt: skip
     """Each program walks its block of rows, BLOCK_ROWS at a time, whole rows in registers.
 
     With n = x·rstd and dn = dy·(offset + w): dx = rstd·(dn − n·mean(dn·n)), dw = Σ_rows dy·n.
-    The program's dW partial stays in registers and is written once, to its own row of DW_PARTIAL.
+    The program's dW partial stays in registers and is written once, to its own row of DW_PARTIAL (only when
+    WANT_DW: a frozen weight, as in LoRA fine-tuning, gets none).
     """
     X_DTYPE: tl.constexpr = X.dtype.element_ty
     pid = tl.program_id(0)
@@ -177,13 +179,14 @@ def rms_norm_backward_kernel(
         dy = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         n = x * rstd
         dn = dy
-        if HAS_WEIGHT:
+        if WANT_DW:
             dw += dy * n
+        if HAS_WEIGHT:
             dn = dy * w
         mean_dn_n = tl.sum(dn * n, axis=1)[:, None] / n_cols
         dx = rstd * (dn - n * mean_dn_n)
         tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], cast_to(dx, X_DTYPE), mask=mask)
-    if HAS_WEIGHT:
+    if WANT_DW:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
@@ -216,7 +219,7 @@ def rms_norm_backward_chunked_kernel(
     n_rows, n_cols, rows_per_program,
     dy_row_stride, x_row_stride, dx_row_stride,
     offset,
-    CASTING: tl.constexpr, HAS_WEIGHT: tl.constexpr, CHUNK: tl.constexpr,
+    CASTING: tl.constexpr, HAS_WEIGHT: tl.constexpr, WANT_DW: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Chunked backward, second pass: program (i, j) handles row block i, column chunk j."""
     X_DTYPE: tl.constexpr = X.dtype.element_ty
@@ -236,12 +239,13 @@ def rms_norm_backward_chunked_kernel(
         dy = tl.load(DY + row * dy_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
         n = x * rstd
         dn = dy
-        if HAS_WEIGHT:
+        if WANT_DW:
             dw += dy * n
+        if HAS_WEIGHT:
             dn = dy * w
         dx = rstd * (dn - n * mean_dn_n)
         tl.store(DX + row * dx_row_stride + cols, cast_to(dx, X_DTYPE), mask=col_mask)
-    if HAS_WEIGHT:
+    if WANT_DW:
         tl.store(DW_PARTIAL + pid_rows.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
 
 
@@ -407,16 +411,18 @@ def rms_norm_backward(
     rstd: torch.Tensor,
     offset: float,
     casting_mode: int,
+    want_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy, x: (rows, H) with unit column stride. Returns dx (rows, H) in x's dtype and dw in weight's dtype
-    ((0,)-shaped when there is no weight: a custom op cannot return None)."""
+    """dy, x: (rows, H) with unit column stride. Returns dx (rows, H) in x's dtype and dw in weight's dtype,
+    (0,)-shaped when there is no weight or `want_dw` is False (a custom op cannot return None)."""
     n_rows, n_cols = x.shape
     # Always a fresh buffer, never dy's: whether anyone else can still observe dy (API.md's in-place rule) is not
     # knowable here, so `in_place` is honoured by allocating.
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     has_weight = weight is not None
+    want_dw = want_dw and has_weight
     w = weight if has_weight else x  # never read when has_weight is False
-    if not has_weight:
+    if not want_dw:
         dw = torch.empty((0,), dtype=x.dtype, device=x.device)
     elif n_rows == 0:
         dw = torch.zeros((n_cols,), dtype=weight.dtype, device=x.device)
@@ -430,14 +436,14 @@ def rms_norm_backward(
         sms = sm_count(x.device)
         target = max(min(sms * programs_per_sm, cdiv(n_rows, 4 * block_rows)), sms)
         rows_per_program, programs = partition_rows(n_rows, block_rows, target)
-        dw_partial = torch.empty((programs if has_weight else 0, n_cols), dtype=torch.float32, device=x.device)
+        dw_partial = torch.empty((programs if want_dw else 0, n_cols), dtype=torch.float32, device=x.device)
         _launch(rms_norm_backward_kernel)[(programs,)](
             dy, x, w, rstd, dx, dw_partial,
             n_rows, n_cols, rows_per_program,
             dy.stride(0), x.stride(0), dx.stride(0),
             offset,
-            CASTING=casting_mode, HAS_WEIGHT=has_weight, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
-            num_warps=num_warps,
+            CASTING=casting_mode, HAS_WEIGHT=has_weight, WANT_DW=want_dw, BLOCK_ROWS=block_rows,
+            BLOCK_COLS=block_cols, num_warps=num_warps,
         )  # fmt: skip
     else:
         mean_dn_n = torch.empty((n_rows,), dtype=torch.float32, device=x.device)
@@ -452,16 +458,16 @@ def rms_norm_backward(
         # A few programs per SM over the 2-D grid; the row blocks set how many dW partial rows there are.
         target = BACKWARD_CHUNK_PROGRAMS_PER_SM * sm_count(x.device)
         rows_per_program, programs = partition_rows(n_rows, 1, cdiv(target, chunks))
-        dw_partial = torch.empty((programs if has_weight else 0, n_cols), dtype=torch.float32, device=x.device)
+        dw_partial = torch.empty((programs if want_dw else 0, n_cols), dtype=torch.float32, device=x.device)
         _launch(rms_norm_backward_chunked_kernel)[(programs, chunks)](
             dy, x, w, rstd, mean_dn_n, dx, dw_partial,
             n_rows, n_cols, rows_per_program,
             dy.stride(0), x.stride(0), dx.stride(0),
             offset,
-            CASTING=casting_mode, HAS_WEIGHT=has_weight, CHUNK=BACKWARD_CHUNK,
+            CASTING=casting_mode, HAS_WEIGHT=has_weight, WANT_DW=want_dw, CHUNK=BACKWARD_CHUNK,
             num_warps=BACKWARD_CHUNK_WARPS,
         )  # fmt: skip
-    if has_weight:
+    if want_dw:
         dw = dw_partial.sum(dim=0).to(weight.dtype)
     return dx, dw
 
@@ -490,18 +496,20 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     mode = CASTING_MODES[attrs["casting_mode"]]
     launcher = rms_norm_forward_op if torch.compiler.is_compiling() else rms_norm_forward
     y, rstd = launcher(x2d, weight, attrs["eps"], attrs["offset"], mode)
-    saved = (x2d, weight, rstd, shape, attrs["offset"], mode) if needs_grad else None
+    # A frozen weight (LoRA fine-tuning) gets no dW: the backward then skips its partial sums and their reduction.
+    want_dw = weight is not None and weight.requires_grad
+    saved = (x2d, weight, rstd, shape, attrs["offset"], mode, want_dw) if needs_grad else None
     return (y.view(shape),), saved
 
 
 def backward(saved: tuple, grad_outputs: tuple):
-    x2d, weight, rstd, shape, offset, mode = saved
+    x2d, weight, rstd, shape, offset, mode, want_dw = saved
     dy = grad_outputs[0]
     if dy is None:
         return None, None
     launcher = rms_norm_backward_op if torch.compiler.is_compiling() else rms_norm_backward
-    dx, dw = launcher(_rows(dy, shape[-1]), x2d, weight, rstd, offset, mode)
-    return dx.view(shape), (dw if weight is not None else None)
+    dx, dw = launcher(_rows(dy, shape[-1]), x2d, weight, rstd, offset, mode, want_dw)
+    return dx.view(shape), (dw if want_dw else None)
 
 
 def supports(inputs: tuple, attrs: dict) -> list[str]:

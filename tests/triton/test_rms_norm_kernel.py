@@ -189,3 +189,19 @@ def test_supports_names_what_it_cannot_serve(kernel_module):
     too_wide = torch.empty(2, kernel_module.MAX_COLS + 1, device="meta")
     assert any("limit" in r for r in kernel_module.supports((too_wide, None), {"casting_mode": "llama"}))
     assert kernel_module.supports((torch.empty(2, 8, device="meta"), None), {"casting_mode": "gemma"}) == []
+
+
+@pytest.mark.parametrize("hidden", [37, 16384 + 1234])  # the fused and the chunked backward
+def test_frozen_weight_gets_no_gradient_and_dx_is_unchanged(kernel_module, device, hidden):
+    # LoRA fine-tuning freezes the norms' weights: dx must be exactly what it is with a trainable weight, and the
+    # kernel computes no dW for it (autograd would discard one anyway).
+    x, weight, dy = make((5, hidden), torch.float32, device, seed=3)
+    _, dx_trainable, dw = run_triton(x, weight, dy, offset=0.5)
+    assert dw is not None
+    frozen = weight.detach()  # requires_grad False
+    x_leaf = x.detach().requires_grad_()
+    liger_core.call("rms_norm", x_leaf, frozen, impl="triton", offset=0.5).backward(dy)
+    assert frozen.grad is None
+    torch.testing.assert_close(x_leaf.grad, dx_trainable, rtol=0, atol=0)
+    want = truth(x, weight, dy, eps=1e-6, offset=0.5, casting_mode="llama")
+    assert_close("dx", x_leaf.grad, want[1], torch.float32)
