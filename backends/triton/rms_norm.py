@@ -489,6 +489,9 @@ def _rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
 
 def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     x, weight = inputs
+    # A frozen weight (LoRA fine-tuning) gets no dW: the backward then skips its partial sums and their reduction.
+    # (Asked of the caller's weight: a contiguous copy made here, without autograd, never requires a gradient.)
+    want_dw = weight is not None and weight.requires_grad
     shape = x.shape
     x2d = _rows(x, shape[-1])
     if weight is not None and weight.stride(0) != 1 and weight.numel() > 1:
@@ -496,8 +499,6 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     mode = CASTING_MODES[attrs["casting_mode"]]
     launcher = rms_norm_forward_op if torch.compiler.is_compiling() else rms_norm_forward
     y, rstd = launcher(x2d, weight, attrs["eps"], attrs["offset"], mode)
-    # A frozen weight (LoRA fine-tuning) gets no dW: the backward then skips its partial sums and their reduction.
-    want_dw = weight is not None and weight.requires_grad
     saved = (x2d, weight, rstd, shape, attrs["offset"], mode, want_dw) if needs_grad else None
     return (y.view(shape),), saved
 

@@ -205,3 +205,13 @@ def test_frozen_weight_gets_no_gradient_and_dx_is_unchanged(kernel_module, devic
     torch.testing.assert_close(x_leaf.grad, dx_trainable, rtol=0, atol=0)
     want = truth(x, weight, dy, eps=1e-6, offset=0.5, casting_mode="llama")
     assert_close("dx", x_leaf.grad, want[1], torch.float32)
+
+
+def test_strided_trainable_weight_gets_its_gradient(device):
+    # The kernel takes a contiguous copy of a strided weight; whether a dW is wanted is asked of the caller's weight.
+    x, weight, dy = make((5, 37), torch.float32, device, seed=5)
+    strided = torch.stack([weight, torch.zeros_like(weight)], dim=1).reshape(-1)[::2].detach().requires_grad_()
+    assert strided.stride(0) == 2
+    got = run_triton(x, strided, dy)
+    want = truth(x, weight, dy, eps=1e-6, offset=0.0, casting_mode="llama")
+    assert_close("dw", got[2], want[2], torch.float32)
