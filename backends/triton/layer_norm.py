@@ -130,13 +130,14 @@ def layer_norm_backward_kernel(
     DY, X, W, STATS, DX, DW_PARTIAL,
     n_rows, n_cols, rows_per_program,
     dy_row_stride, x_row_stride, dx_row_stride,
-    HAS_BIAS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WANT_PARAMS: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
 ):  # fmt: skip
     """Each program walks its block of rows, BLOCK_ROWS at a time, whole rows in registers.
 
     With x̂ = (x − mean)·rstd and g = dy·w: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), dw = Σ_rows dy·x̂, db = Σ_rows dy.
-    The partials stay in registers and are written once, to the program's own rows of DW_PARTIAL. The weight is
-    re-read per tile (an L1 hit) rather than held, which keeps one row-sized tensor fewer live.
+    The partials stay in registers and are written once, to the program's own rows of DW_PARTIAL (only when
+    WANT_PARAMS: frozen parameters, as in LoRA fine-tuning, get none). The weight is re-read per tile (an L1 hit)
+    rather than held, which keeps one row-sized tensor fewer live.
     """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_COLS)
@@ -160,13 +161,15 @@ def layer_norm_backward_kernel(
         mean_g_x_hat = tl.sum(g * x_hat, axis=1)[:, None] / n_cols
         dx = rstd * (g - mean_g - x_hat * mean_g_x_hat)
         tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=mask)
-        dw += dy * x_hat
+        if WANT_PARAMS:
+            dw += dy * x_hat
+            if HAS_BIAS:
+                db += dy
+    if WANT_PARAMS:
+        partial = DW_PARTIAL + pid.to(tl.int64) * (1 + HAS_BIAS) * n_cols
+        tl.store(partial + cols, tl.sum(dw, axis=0), mask=col_mask)
         if HAS_BIAS:
-            db += dy
-    partial = DW_PARTIAL + pid.to(tl.int64) * (1 + HAS_BIAS) * n_cols
-    tl.store(partial + cols, tl.sum(dw, axis=0), mask=col_mask)
-    if HAS_BIAS:
-        tl.store(partial + n_cols + cols, tl.sum(db, axis=0), mask=col_mask)
+            tl.store(partial + n_cols + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
 @triton.jit
@@ -199,7 +202,7 @@ def layer_norm_backward_chunked_kernel(
     DY, X, W, STATS, TERMS, DX, DW_PARTIAL,
     n_rows, n_cols, rows_per_program,
     dy_row_stride, x_row_stride, dx_row_stride,
-    HAS_BIAS: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, WANT_PARAMS: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     """Chunked backward, second pass: program (i, j) handles row block i, column chunk j."""
     pid_rows = tl.program_id(0)
@@ -220,13 +223,15 @@ def layer_norm_backward_chunked_kernel(
         x_hat = tl.where(col_mask, (x - mean) * rstd, 0.0)
         dx = rstd * (dy * w - mean_g - x_hat * mean_g_x_hat)
         tl.store(DX + row * dx_row_stride + cols, cast_to(dx, DX.dtype.element_ty), mask=col_mask)
-        dw += dy * x_hat
+        if WANT_PARAMS:
+            dw += dy * x_hat
+            if HAS_BIAS:
+                db += dy
+    if WANT_PARAMS:
+        partial = DW_PARTIAL + pid_rows.to(tl.int64) * (1 + HAS_BIAS) * n_cols
+        tl.store(partial + cols, dw, mask=col_mask)
         if HAS_BIAS:
-            db += dy
-    partial = DW_PARTIAL + pid_rows.to(tl.int64) * (1 + HAS_BIAS) * n_cols
-    tl.store(partial + cols, dw, mask=col_mask)
-    if HAS_BIAS:
-        tl.store(partial + n_cols + cols, db, mask=col_mask)
+            tl.store(partial + n_cols + cols, db, mask=col_mask)
 
 
 # -- launchers (plain calls eagerly, custom ops under torch.compile: see rms_norm.py) ------------------------------
@@ -266,12 +271,12 @@ def layer_norm_forward(
 
 
 def layer_norm_backward(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, has_bias: bool
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stats: torch.Tensor, has_bias: bool, want_params: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dy, x: (rows, H) with unit column stride; stats from the forward. Returns dx (rows, H) in x's dtype and the
-    fp32 sums (1 + has_bias, H): dW, then dB."""
+    fp32 sums (1 + has_bias, H): dW, then dB; (0, H) when not `want_params`."""
     n_rows, n_cols = x.shape
-    sums = 1 + int(has_bias)
+    sums = 1 + int(has_bias) if want_params else 0
     # Always a fresh buffer, never dy's (API.md's in-place rule cannot be checked here).
     dx = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
     if n_rows == 0:
@@ -288,7 +293,7 @@ def layer_norm_backward(
             dy, x, weight, stats, dx, partial,
             n_rows, n_cols, rows_per_program,
             dy.stride(0), x.stride(0), dx.stride(0),
-            HAS_BIAS=has_bias, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+            HAS_BIAS=has_bias, WANT_PARAMS=want_params, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
             num_warps=num_warps,
         )  # fmt: skip
     else:
@@ -307,7 +312,7 @@ def layer_norm_backward(
             dy, x, weight, stats, terms, dx, partial,
             n_rows, n_cols, rows_per_program,
             dy.stride(0), x.stride(0), dx.stride(0),
-            HAS_BIAS=has_bias, CHUNK=BACKWARD_CHUNK,
+            HAS_BIAS=has_bias, WANT_PARAMS=want_params, CHUNK=BACKWARD_CHUNK,
             num_warps=BACKWARD_CHUNK_WARPS,
         )  # fmt: skip
     return dx, partial.sum(dim=0)
@@ -326,6 +331,9 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     x, weight, bias = inputs
+    # Frozen parameters (LoRA fine-tuning) get no gradients: the backward then skips their partial sums. (Asked of
+    # the caller's tensors: a contiguous copy made here, without autograd, never requires a gradient.)
+    wants = (weight.requires_grad, bias is not None and bias.requires_grad)
     shape = x.shape
     x2d = _rows(x, shape[-1])
     weight, bias = _vector(weight), _vector(bias)
@@ -334,19 +342,21 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     saved = None
     if needs_grad:
         bias_dtype = None if bias is None else bias.dtype
-        saved = (x2d, weight, stats, shape, bias_dtype)
+        saved = (x2d, weight, stats, shape, bias_dtype, wants)
     return (y.view(shape),), saved
 
 
 def backward(saved: tuple, grad_outputs: tuple):
-    x2d, weight, stats, shape, bias_dtype = saved
+    x2d, weight, stats, shape, bias_dtype, (want_w, want_b) = saved
     dy = grad_outputs[0]
     if dy is None:
         return None, None, None
     has_bias = bias_dtype is not None
     launcher = layer_norm_backward_op if torch.compiler.is_compiling() else layer_norm_backward
-    dx, sums = launcher(_rows(dy, shape[-1]), x2d, weight, stats, has_bias)
-    return dx.view(shape), sums[0].to(weight.dtype), (sums[1].to(bias_dtype) if has_bias else None)
+    dx, sums = launcher(_rows(dy, shape[-1]), x2d, weight, stats, has_bias, want_w or want_b)
+    dw = sums[0].to(weight.dtype) if want_w else None
+    db = sums[1].to(bias_dtype) if want_b else None
+    return dx.view(shape), dw, db
 
 
 def supports(inputs: tuple, attrs: dict) -> list[str]:

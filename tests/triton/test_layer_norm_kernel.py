@@ -192,3 +192,23 @@ def test_supports_names_what_it_cannot_serve(kernel_module):
     wide_w = torch.empty(kernel_module.MAX_COLS + 1, device="meta")
     assert any("limit" in r for r in kernel_module.supports((too_wide, wide_w, None), {"eps": 1e-6}))
     assert kernel_module.supports((x, torch.empty(8, device="meta"), None), {"eps": 1e-6}) == []
+
+
+@pytest.mark.parametrize("hidden", [37, 16384 + 1234])  # the fused and the chunked backward
+@pytest.mark.parametrize("trainable", [(), ("bias",), ("weight",)])
+def test_frozen_parameters_get_no_gradient_and_dx_is_unchanged(kernel_module, device, hidden, trainable):
+    # LoRA fine-tuning freezes the norms' parameters: dx must be exactly what it is with trainable ones, the frozen
+    # ones get no gradient, and a trainable one still gets its own.
+    x, weight, bias, dy = make((5, hidden), torch.float32, device, seed=4)
+    _, dx_all, dw_all, db_all = run_triton(x, weight, bias, dy)
+    leaves = {"weight": weight.detach(), "bias": bias.detach()}
+    for name in trainable:
+        leaves[name].requires_grad_()
+    x_leaf = x.detach().requires_grad_()
+    liger_core.call("layer_norm", x_leaf, leaves["weight"], leaves["bias"], impl="triton").backward(dy)
+    torch.testing.assert_close(x_leaf.grad, dx_all, rtol=0, atol=0)
+    for name, full in (("weight", dw_all), ("bias", db_all)):
+        if name in trainable:
+            torch.testing.assert_close(leaves[name].grad, full, rtol=0, atol=0)
+        else:
+            assert leaves[name].grad is None
