@@ -9,24 +9,13 @@ runs on the engine's device thread unless multithreading is turned off).
 """
 
 import argparse
-import time
 
 import torch
 import triton
+from dispatch_overhead import per_call_us  # this folder is on sys.path when a script here runs
 from liger_backends.triton import rms_norm as triton_rms_norm
 
 import liger_core
-
-
-def per_call_us(fn, steps: int) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - started) / steps * 1e6
 
 
 def main() -> None:

@@ -45,9 +45,8 @@ def test_one_training_step_on_triton_matches_the_unpatched_model(model_type, mon
     assert {backend for _, backend in served} == {"triton"}, served
 
 
-def test_compiled_patched_llama_on_triton_matches_the_unpatched_model(monkeypatch):
-    # torch.compile over the whole patched model (graph breaks allowed, as users compile): the Triton launchers run
-    # as custom ops inside the compiled graph. On the H200 this path crashed while Inductor inlined the kernels.
+def _compiled_patched_llama(monkeypatch):
+    """(unpatched Llama, patched copy on triton, compile counter, the patched copy compiled whole with aot_eager)."""
     import torch._dynamo.testing
 
     monkeypatch.setenv("LIGER_KERNEL_BACKEND", "triton")
@@ -57,7 +56,13 @@ def test_compiled_patched_llama_on_triton_matches_the_unpatched_model(monkeypatc
     reference.train()
     patched.train()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(patched, backend=counter)
+    return reference, patched, counter, torch.compile(patched, backend=counter)
+
+
+def test_compiled_patched_llama_on_triton_matches_the_unpatched_model(monkeypatch):
+    # torch.compile over the whole patched model (graph breaks allowed, as users compile): the Triton launchers run
+    # as custom ops inside the compiled graph. On the H200 this path crashed while Inductor inlined the kernels.
+    reference, patched, counter, compiled = _compiled_patched_llama(monkeypatch)
     input_ids, labels = batch()
     expected = reference(input_ids=input_ids, labels=labels).loss
     expected.backward()
@@ -73,15 +78,7 @@ def test_compiled_patched_llama_on_triton_matches_the_unpatched_model(monkeypatc
 def test_compiled_patched_llama_does_not_recompile_for_each_sequence_length(monkeypatch):
     # Batches padded to their longest sequence change length from step to step; like the unpatched model, the
     # patched one compiles twice (static, then dynamic) and not once per length.
-    import torch._dynamo.testing
-
-    monkeypatch.setenv("LIGER_KERNEL_BACKEND", "triton")
-    torch._dynamo.reset()
-    reference = tiny_model("llama")
-    patched = patched_copy(reference, "instance")
-    patched.train()
-    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(patched, backend=counter)
+    _, _, counter, compiled = _compiled_patched_llama(monkeypatch)
     for length in (9, 11, 13, 17):
         input_ids, labels = batch(length=length)
         compiled(input_ids=input_ids, labels=labels).loss.backward()
