@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.torch_version import TorchVersion
 
 from liger_core.spec import KernelSpec
@@ -142,7 +143,9 @@ def accumulate_weight_gradient(grad_weight: torch.Tensor, dlogits: torch.Tensor,
     if not (dlogits.is_cuda and acc == torch.float32 and dlogits.dtype == x_chunk.dtype):
         grad_weight.addmm_(dlogits.t().to(acc), x_chunk.to(acc))
         return
-    if _ADDMM_OUT_DTYPE["works"]:
+    # Under fake tensors (the launcher run to learn its outputs' shapes) torch 2.11's addmm decomposition mistakes
+    # out_dtype for beta and raises, so the fake run takes the plain path below: same shapes, no data.
+    if _ADDMM_OUT_DTYPE["works"] and not isinstance(grad_weight, FakeTensor):
         try:
             torch.addmm(grad_weight, dlogits.t(), x_chunk, out_dtype=torch.float32, out=grad_weight)
             return
