@@ -229,11 +229,41 @@ def run_variant(options: dict) -> dict:
             losses=values,
             finite=all(v == v and abs(v) != float("inf") for v in values),
         )
+        if options.get("profile") and cuda:
+            result["profile"] = profile_steps(step, synchronize, options["profile"])
     except Exception as error:  # recorded, not raised: the other variants still run
         result["error"] = f"{type(error).__name__}: {error}"[:1000]
         result["traceback"] = traceback.format_exc()[-4000:]
         log(f"  {name}: failed: {result['error'][:300]}")
     return result
+
+
+def profile_steps(step, synchronize, steps: int, rows: int = 25) -> dict:
+    """Where a step's GPU time goes: `steps` more steps under torch.profiler, after the timed ones. Returns the GPU
+    kernels' total busy time per step and the `rows` kernels (or copies) with the most time per step. Busy time well
+    under the step time means the GPU waits for the host."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        begin = time.perf_counter()
+        for _ in range(steps):
+            step()
+        synchronize()
+        seconds = time.perf_counter() - begin
+    kernels = [e for e in profiler.key_averages() if e.device_type == DeviceType.CUDA]
+
+    def device_us(event) -> float:  # the attribute was renamed in torch 2.4 (cuda -> device)
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+    kernels.sort(key=device_us, reverse=True)
+    busy_ms = sum(device_us(e) for e in kernels) / 1000 / steps
+    top = [
+        {"kernel": e.key[:160], "calls_per_step": e.count / steps, "ms_per_step": device_us(e) / 1000 / steps}
+        for e in kernels[:rows]
+    ]
+    return {"steps": steps, "step_ms": 1000 * seconds / steps, "gpu_busy_ms": busy_ms, "top": top}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,7 +275,7 @@ def child_command(options: dict, variant: str, compiled: bool, out: str) -> list
     command += ["--compile", "on" if compiled else "off"]
     for key in ("device", "dtype", "batch", "seq", "layers", "hidden", "heads", "kv_heads", "vocab", "steps"):
         command += [f"--{key.replace('_', '-')}", str(options[key])]
-    for key in ("warmup", "seed", "lr", "attention", "patch"):
+    for key in ("warmup", "seed", "lr", "attention", "patch", "profile"):
         command += [f"--{key}", str(options[key])]
     if options["intermediate"]:
         command += ["--intermediate", str(options["intermediate"])]
@@ -386,6 +416,24 @@ def markdown(summary: dict) -> str:
             f"| {number(run.get('first_loss_delta'), '+.4f')} | {number(run.get('first_step_s'), '.1f')} "
             f"| {_short(run.get('error', ''), 160)} |"
         )
+    for run in runs:
+        profile = run.get("profile")
+        if not profile:
+            continue
+        lines += [
+            "",
+            f"### Where the GPU time of a step goes: {run['variant']}, compile {'on' if run['compile'] else 'off'}",
+            "",
+            f"torch.profiler over {profile['steps']} steps: {profile['step_ms']:.1f} ms a step (profiled), GPU kernels "
+            f"busy {profile['gpu_busy_ms']:.1f} ms of it.",
+            "",
+            "| kernel | calls a step | ms a step |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{_short(row['kernel'], 100)}` | {row['calls_per_step']:g} | {row['ms_per_step']:.2f} |"
+            for row in profile["top"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -464,6 +512,9 @@ def parse(argv=None) -> dict:
         choices=["class", "instance"],
         default="class",
         help="class: apply_liger_kernel_to_llama() before building; instance: (model=...) after",
+    )
+    parser.add_argument(
+        "--profile", type=int, default=0, help="after the timed steps, profile this many more (GPU kernel table)"
     )
     parser.add_argument("--child-timeout", type=int, default=300, help="seconds per variant")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one variant, write its JSON here
