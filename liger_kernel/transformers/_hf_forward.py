@@ -23,6 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from . import _sdpa_mask
 from ._distributed import call_through
 from .functional import liger_cross_entropy, liger_fused_linear_cross_entropy
 
@@ -176,7 +177,16 @@ def causal_lm_forward(self, mode: str, moe: bool, output: tuple[type, frozenset]
             output_router_logits = getattr(self.config, "output_router_logits", False)
         kwargs["output_router_logits"] = output_router_logits
 
-    outputs = self.model(**kwargs)
+    # No positions, mask or cache from the caller: the decoder numbers the tokens itself, so nothing is packed and,
+    # under torch.compile, its sdpa attention can go without a mask as in eager mode (_sdpa_mask)
+    decoder_positions = all(
+        kwargs.get(name) is None for name in ("position_ids", "attention_mask", "past_key_values", "cache_position")
+    )
+    previous = _sdpa_mask.default_positions(decoder_positions)
+    try:
+        outputs = self.model(**kwargs)
+    finally:
+        _sdpa_mask.default_positions(previous)
     kept = keep_positions(outputs.last_hidden_state, logits_to_keep)
 
     wants_loss = labels is not None or shift_labels is not None

@@ -16,7 +16,15 @@ every other case (a padding mask, whose values cannot be read while tracing; sta
 window) transformers decides as before. Traced by ``torch.export``, a model patched this way also relies on
 ``is_causal`` for mask-free inputs of equal query and key lengths, which such a model's inputs always are.
 
-The patchers call `install` (once per process; a no-op on a transformers whose function differs from the one this
+A second condition blocks the skip while compiling a model without a cache (``use_cache=False``, as in training):
+transformers looks for packed sequences in the position ids (``find_packed_sequence_indices``), which it cannot
+rule out while tracing, and then builds the mask whatever the positions. When the patched causal-LM forward is
+called without position ids, attention mask, cache or cache positions, the decoder makes its positions itself
+(``0 .. T-1`` in every row): nothing is packed. The forward says so around its decoder call
+(`default_positions`), and the wrapped ``find_packed_sequence_indices`` then answers "not packed" while compiling,
+as eager mode finds from the values. Position ids given by the caller are examined as before.
+
+The patchers call `install` (once per process; a no-op on a transformers whose functions differ from the ones this
 is written for).
 """
 
@@ -25,6 +33,23 @@ from __future__ import annotations
 import inspect
 
 import torch
+
+
+class _DecoderCall:
+    """Whether the decoder now running makes its own position ids (see `default_positions`)."""
+
+    default_positions = False
+
+
+_DECODER_CALL = _DecoderCall()
+
+
+def default_positions(value: bool) -> bool:
+    """Set whether the decoder about to run makes its own position ids; returns the previous value, to put back."""
+    previous = _DECODER_CALL.default_positions
+    _DECODER_CALL.default_positions = value
+    return previous
+
 
 # The signature of masking_utils._ignore_causal_mask_sdpa this wrapper is written for (transformers 5.x).
 _PARAMETERS = ("padding_mask", "q_length", "kv_length", "q_offset", "kv_offset", "local_attention_size")
@@ -55,12 +80,35 @@ def _compile_aware(original):
     return _ignore_causal_mask_sdpa
 
 
+def _packed_aware(original):
+    def find_packed_sequence_indices(position_ids):
+        if _DECODER_CALL.default_positions and torch.compiler.is_compiling():
+            return None  # positions 0 .. T-1 made by the decoder itself: one sequence per row
+        return original(position_ids)
+
+    find_packed_sequence_indices.__wrapped__ = original
+    find_packed_sequence_indices.__doc__ = (
+        "transformers' find_packed_sequence_indices, which also knows, while compiling, that positions the decoder "
+        "made itself are not packed (liger_kernel.transformers._sdpa_mask)."
+    )
+    find_packed_sequence_indices._liger_compile_aware = True
+    return find_packed_sequence_indices
+
+
 def install() -> bool:
-    """Wrap transformers' ``_ignore_causal_mask_sdpa`` (see the module's doc). Returns whether it is wrapped."""
+    """Wrap transformers' ``_ignore_causal_mask_sdpa`` and ``find_packed_sequence_indices`` (see the module's doc).
+    Returns whether they are wrapped."""
     try:
         from transformers import masking_utils
     except ImportError:
         return False
+    packed = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if packed is not None and not getattr(packed, "_liger_compile_aware", False):
+        try:
+            if tuple(inspect.signature(packed).parameters) == ("position_ids",):
+                masking_utils.find_packed_sequence_indices = _packed_aware(packed)
+        except (TypeError, ValueError):
+            pass
     current = getattr(masking_utils, "_ignore_causal_mask_sdpa", None)
     if current is None:
         return False

@@ -27,9 +27,8 @@ def _like_transformers_5_17(original):
 @pytest.fixture
 def like_5_17(monkeypatch):
     """transformers' function replaced by 5.17's behaviour for this test (put back afterwards)."""
-    monkeypatch.setattr(
-        masking_utils, "_ignore_causal_mask_sdpa", _like_transformers_5_17(masking_utils._ignore_causal_mask_sdpa)
-    )
+    original = getattr(masking_utils._ignore_causal_mask_sdpa, "__wrapped__", masking_utils._ignore_causal_mask_sdpa)
+    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", _like_transformers_5_17(original))
 
 
 @pytest.fixture
@@ -79,22 +78,40 @@ def test_compiled_sliding_window_mask_is_still_built(wrapped):
     assert torch.equal(got, expected)
 
 
-def test_compiled_patched_sdpa_llama_attends_causally_and_matches_eager(wrapped, monkeypatch):
-    # The whole patched model compiled (aot_eager): its attention calls sdpa with is_causal=True and no mask, and the
-    # loss and gradients are those of the eager unpatched model.
+def _sdpa_calls(counter):
+    return [
+        node
+        for graph in counter.graphs
+        for node in graph.graph.nodes
+        if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target)
+    ]
+
+
+def _compiled_sdpa_llama(monkeypatch, use_cache: bool):
+    """(unpatched sdpa Llama, patched copy, compile counter, the patched copy compiled whole with aot_eager)."""
     import torch._dynamo.testing
-    from tiny_hf import assert_same_grads, patched_copy, tiny_model
+    from tiny_hf import patched_copy, tiny_model
 
     monkeypatch.setenv("LIGER_KERNEL_BACKEND", "reference")
     torch._dynamo.reset()
-    reference = tiny_model("llama")
+    reference = tiny_model("llama", use_cache=use_cache)
     reference.config._attn_implementation = "sdpa"
     patched = patched_copy(reference, "instance")
-    assert patched.config._attn_implementation == "sdpa"
+    assert patched.config._attn_implementation == "sdpa" and patched.config.use_cache == use_cache
     reference.train()
     patched.train()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(patched, backend=counter)
+    return reference, patched, counter, torch.compile(patched, backend=counter)
+
+
+# use_cache=False (as training runs) is the case where transformers also looks for packed sequences
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_compiled_patched_sdpa_llama_attends_causally_and_matches_eager(wrapped, monkeypatch, use_cache):
+    # The whole patched model compiled (aot_eager): its attention calls sdpa with is_causal=True and no mask, and the
+    # loss and gradients are those of the eager unpatched model.
+    from tiny_hf import assert_same_grads
+
+    reference, patched, counter, compiled = _compiled_sdpa_llama(monkeypatch, use_cache)
     input_ids, labels = batch()
     expected = reference(input_ids=input_ids, labels=labels).loss
     expected.backward()
@@ -102,23 +119,48 @@ def test_compiled_patched_sdpa_llama_attends_causally_and_matches_eager(wrapped,
     got.backward()
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-4, atol=1e-5)
     assert_same_grads(reference, patched, rtol=1e-3, atol=1e-5)
-    calls = [
-        node
-        for graph in counter.graphs
-        for node in graph.graph.nodes
-        if node.op == "call_function" and "scaled_dot_product_attention" in str(node.target)
-    ]
+    calls = _sdpa_calls(counter)
     assert len(calls) == reference.config.num_hidden_layers
     for node in calls:
         assert node.kwargs.get("is_causal") is True, node.kwargs
         assert node.kwargs.get("attn_mask") is None, node.kwargs
 
 
+def test_compiled_patched_sdpa_llama_keeps_the_mask_of_packed_positions(wrapped, monkeypatch):
+    # Position ids from the caller (two sequences packed in each row) are examined as before: the compiled model
+    # builds the block mask and computes what the eager unpatched model computes.
+    from tiny_hf import assert_same_grads
+
+    reference, patched, counter, compiled = _compiled_sdpa_llama(monkeypatch, use_cache=False)
+    input_ids, labels = batch()
+    length = input_ids.shape[1]
+    split = length // 2
+    position_ids = torch.cat([torch.arange(split), torch.arange(length - split)]).expand(input_ids.shape[0], -1)
+    expected = reference(input_ids=input_ids, labels=labels, position_ids=position_ids).loss
+    expected.backward()
+    got = compiled(input_ids=input_ids, labels=labels, position_ids=position_ids).loss
+    got.backward()
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-4, atol=1e-5)
+    assert_same_grads(reference, patched, rtol=1e-3, atol=1e-5)
+    unpacked = reference(input_ids=input_ids, labels=labels).loss
+    assert abs(unpacked.item() - expected.item()) > 1e-4  # the packing changes the loss: the mask matters
+    calls = _sdpa_calls(counter)
+    assert calls and all(node.kwargs.get("attn_mask") is not None for node in calls)
+
+
+def _unwrapped(function):
+    return getattr(function, "__wrapped__", function)
+
+
 def test_patchers_install_it(monkeypatch):
-    monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", masking_utils._ignore_causal_mask_sdpa)
-    original = masking_utils._ignore_causal_mask_sdpa
+    # transformers' own functions (an earlier patch in this process may have wrapped them already)
+    originals = {}
+    for name in ("_ignore_causal_mask_sdpa", "find_packed_sequence_indices"):
+        originals[name] = _unwrapped(getattr(masking_utils, name))
+        monkeypatch.setattr(masking_utils, name, originals[name])
     apply_liger_kernel_to_llama(model=_tiny_llama())
-    assert masking_utils._ignore_causal_mask_sdpa.__wrapped__ is original
+    for name, original in originals.items():
+        assert getattr(masking_utils, name).__wrapped__ is original, name
 
 
 def _tiny_llama():
