@@ -292,15 +292,20 @@ def _gradient_tile(x_tile, w, b, lse, safe, coef, total, nll_safe, nll_coef, wid
     return (dz @ w).to(x_tile.dtype), dz, None if b is None else dz.sum(0)
 
 
-def _gradient_pass(x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef, gradient_tile, tile_rows):
-    """Pass two over the tiles of tokens: (grad_x, grad_weight, grad_bias or None) in the inputs' dtypes."""
+def _gradient_pass(
+    x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef, gradient_tile, tile_rows, weight_dtype_gemms=False
+):
+    """Pass two over the tiles of tokens: (grad_x, grad_weight, grad_bias or None) in the inputs' dtypes. The
+    matrix products run in the wide dtype, or with `weight_dtype_gemms` in the weight's own (the tensor cores' rate;
+    the weight gradient then accumulates in that dtype, one rounding per tile)."""
     wide = lse.dtype
+    gemm = weight.dtype if weight_dtype_gemms else wide
     rows, hidden = x.shape[0] * x.shape[1], x.shape[2]
     x2d = x.reshape(rows, hidden)
-    w = weight.to(wide)
+    w = weight.to(gemm)
     b = bias.to(wide) if bias is not None else None
     grad_x = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    grad_w = torch.zeros(w.shape, dtype=wide, device=x.device)  # our own accumulators, updated in place
+    grad_w = torch.zeros(w.shape, dtype=gemm, device=x.device)  # our own accumulators, updated in place
     grad_b = torch.zeros(w.shape[0], dtype=wide, device=x.device) if bias is not None else None
     step = tile_rows(rows, weight.shape[0])
     for start in range(0, rows, step):
@@ -309,7 +314,7 @@ def _gradient_pass(x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef, 
         grad_x[tile], dz, tile_grad_b = gradient_tile(
             x2d[tile], w, b, lse[tile], safe[tile], coef[tile], total[tile], *second, wide
         )
-        grad_w.addmm_(dz.T, x2d[tile].to(wide))
+        grad_w.addmm_(dz.to(gemm).T, x2d[tile].to(gemm))
         if grad_b is not None:
             grad_b += tile_grad_b
     return grad_x.view(x.shape), grad_w.to(weight.dtype), grad_b.to(bias.dtype) if grad_b is not None else None
@@ -339,10 +344,11 @@ def _gradient_pass_tensors(
 _gradient_pass_op = opaque_op("liger_reference::preference_gradient_pass", _gradient_pass_tensors)
 
 
-def make_backward(gradient_tile=None, tile_rows=None):
+def make_backward(gradient_tile=None, tile_rows=None, weight_dtype_gemms=False):
     """The backward of the four operators. ``gradient_tile`` computes one tile of pass two (the signature of
-    `_gradient_tile`, the default) and ``tile_rows(rows, vocab)`` its row count (default `rows_per_tile`): another
-    backend (the inductor plugin) brings compiled ones and shares the rest."""
+    `_gradient_tile`, the default; it receives the weight in the dtype of the products) and ``tile_rows(rows,
+    vocab)`` its row count (default `rows_per_tile`): another backend (the inductor plugin) brings compiled ones
+    and shares the rest, with its products in the weight's dtype (`weight_dtype_gemms`)."""
     opaque_when_compiling = gradient_tile is None and tile_rows is None
     gradient_tile = gradient_tile or _gradient_tile
     tile_rows = tile_rows or _default_tile_rows
@@ -361,7 +367,9 @@ def make_backward(gradient_tile=None, tile_rows=None):
         if opaque_when_compiling and torch.compiler.is_compiling():
             grad_x, grad_w, grad_b = _gradient_pass_op(x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef)
             return grad_x, grad_w, grad_b if bias is not None else None
-        return _gradient_pass(x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef, gradient_tile, tile_rows)
+        return _gradient_pass(
+            x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef, gradient_tile, tile_rows, weight_dtype_gemms
+        )
 
     return backward
 

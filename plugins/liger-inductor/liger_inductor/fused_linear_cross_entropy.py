@@ -21,7 +21,7 @@ from liger_backends.reference import fused_linear_cross_entropy as reference
 
 from liger_core.spec import FLOAT_DTYPES
 
-from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kernel
+from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kernel, weight_accumulation_dtype
 
 # The attributes the chunk math reads; the others (return_* flags, reduction, accum_dtype) stay out of its signature.
 CHUNK_ATTRS = ("ignore_index", "label_smoothing", "lse_square_scale", "softcap", "use_token_scaling")
@@ -29,7 +29,7 @@ CHUNK_ATTRS = ("ignore_index", "label_smoothing", "lse_square_scale", "softcap",
 
 def chunk_math(args: tuple, static: dict):
     """One chunk: (scaled CE rows, z-loss rows, argmax or None, grad of x rows or None, grad of the logits in the
-    accumulation dtype or None, grad of the bias or None)."""
+    weight gradient's accumulation dtype or None, grad of the bias (wide dtype) or None)."""
     x, weight, bias, target, ce_weight, ce_coefficient, z_coefficient = args
     z = ce.softcapped(F.linear(x, weight, bias), static["softcap"], static["wide"])
     rows = ce.row_terms(z, target, ce_weight, static)
@@ -43,11 +43,10 @@ def chunk_math(args: tuple, static: dict):
         grad = ce.logits_gradient(z, rows, ce_weight, static, coefficient, z_coefficient)
         if static["want_x"]:
             grad_x = grad.to(weight.dtype) @ weight
-        grad = grad.to(static["acc"])
         if static["want_b"]:
-            grad_bias = grad.sum(0)
+            grad_bias = grad.sum(0)  # in the wide dtype: V values
         if static["want_w"]:
-            grad_logits = grad
+            grad_logits = grad.to(static["acc"])
     return ce_rows, rows.z_loss, argmax, grad_x, grad_logits, grad_bias
 
 
@@ -55,21 +54,17 @@ def chunk_math(args: tuple, static: dict):
 CHUNK = CompiledFunction("fused_linear_cross_entropy", chunk_math, {0: LEADING, 3: ALL, 5: ALL, 6: ALL})
 
 
-def _accumulation_dtype(wide: torch.dtype, accum_dtype: torch.dtype | None) -> torch.dtype:
-    return wide if accum_dtype is None else torch.promote_types(wide, accum_dtype)
-
-
 def _passes(x, weight, bias, target, ce_weight, attrs, want, ce_coefficient, z_coefficient, stats, upstream=None):
     """Run every chunk; return the per-row CE and z-loss terms, the argmaxes and the accumulated gradients."""
     rows_total, vocab = x.shape[0], weight.shape[0]
     wide = torch.promote_types(x.dtype, torch.float32)
-    acc = _accumulation_dtype(wide, attrs["accum_dtype"])
+    acc = weight_accumulation_dtype(weight.dtype, attrs["accum_dtype"])
     static = {name: attrs[name] for name in CHUNK_ATTRS}
     static.update(wide=wide, acc=acc, stats=stats, want_x=want[0], want_w=want[1], want_b=want[2])
     # our own accumulators, updated in place
-    grad_x = torch.empty(x.shape, dtype=acc, device=x.device) if want[0] else None
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if want[0] else None
     grad_weight = torch.zeros(weight.shape, dtype=acc, device=x.device) if want[1] else None
-    grad_bias = torch.zeros(vocab, dtype=acc, device=x.device) if want[2] else None
+    grad_bias = torch.zeros(vocab, dtype=wide, device=x.device) if want[2] else None
     step = chunk_rows(rows_total, vocab)
     ce_rows, z_rows, argmaxes = [], [], []
     for start in range(0, max(rows_total, 1), step):

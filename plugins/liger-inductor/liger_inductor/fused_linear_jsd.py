@@ -18,12 +18,12 @@ from liger_backends.reference.cross_entropy import safe_divide
 
 from liger_core.spec import FLOAT_DTYPES
 
-from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kernel
+from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kernel, weight_accumulation_dtype
 
 
 def chunk_math(args: tuple, static: dict):
-    """One chunk: (divergence rows, grad of the student input rows or None, grad of the student logits in the
-    accumulation dtype or None)."""
+    """One chunk: (divergence rows, grad of the student input rows or None, grad of the student logits in the weight
+    gradient's accumulation dtype or None)."""
     x, weight, teacher_x, teacher_weight, row_coefficient = args
     wide, beta, temperature = static["wide"], static["beta"], static["temperature"]
     log_q = torch.log_softmax(F.linear(x, weight).to(wide) / temperature, dim=-1)
@@ -49,7 +49,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     teacher_input, teacher_weight = teacher_input.detach(), teacher_weight.detach()
     rows_total, vocab = student_input.shape[0], student_weight.shape[0]
     wide = torch.promote_types(student_input.dtype, torch.float32)
-    acc = wide if attrs["accum_dtype"] is None else torch.promote_types(wide, attrs["accum_dtype"])
+    acc = weight_accumulation_dtype(student_weight.dtype, attrs["accum_dtype"])
     counted = jsd.labelled(shift_labels, rows_total, attrs["ignore_index"], student_input.device)
     row_coefficient = safe_divide(counted.to(wide), counted.sum().to(wide))  # d loss / d row loss
 
@@ -64,7 +64,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         "want_w": want_w,
     }
     # our own accumulators, updated in place
-    grad_x = torch.empty(student_input.shape, dtype=acc, device=student_input.device) if want_x else None
+    grad_x = torch.empty_like(student_input, memory_format=torch.contiguous_format) if want_x else None
     grad_weight = torch.zeros(student_weight.shape, dtype=acc, device=student_input.device) if want_w else None
 
     step = chunk_rows(rows_total, vocab, heads=2)  # a student and a teacher block of logits per chunk

@@ -8,6 +8,9 @@ passes); only the two passes over (rows, V) logits, where the time goes, are com
 2. backward, per tile (`GRADIENT_PASS`): the logits again, ``d loss / dz = coef·(onehot(target) − p)``, the tile's
    input gradient and bias gradient; the weight gradient is accumulated outside with an in-place ``addmm_``.
 
+The matrix products run in the weight's dtype (bf16 on a bf16 model), the softmax math in float32, and the weight
+gradient accumulates in the weight's dtype, as the triton backend does.
+
 Between them, the per-sequence losses and their derivative run eagerly on (2B,)-sized tensors: the forward is the
 reference's own (`make_forward`), given the compiled pass one. A tile holds up to
 `liger_inductor.compiler.CHUNK_BYTES` of float32 logits; its row count is a dynamic dimension, so every tile of
@@ -25,7 +28,9 @@ from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kerne
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wide: torch.dtype) -> torch.Tensor:
-    z = x.to(wide) @ weight.T  # weight and bias arrive already in the wide dtype, converted once per call
+    # The product at the weight's own dtype (the tensor cores' rate: float32 products made a DPO step 13x slower
+    # than triton's), the logits then in the wide dtype; the bias arrives in the wide dtype, converted once per call.
+    z = (x.to(weight.dtype) @ weight.T).to(wide)
     return z if bias is None else z + bias
 
 
@@ -39,14 +44,16 @@ def token_math(args: tuple, static: dict):
 
 
 def gradient_math(args: tuple, static: dict):
-    """One tile: (grad of x rows, d loss / dz in the wide dtype, grad of the bias or None)."""
+    """One tile: (grad of x rows, d loss / dz in the weight's dtype, grad of the bias (wide dtype) or None)."""
     x, weight, bias, lse, safe, coef, total, nll_safe, nll_coef = args
     z = _logits(x, weight, bias, static["wide"])
     dz = torch.exp(z - lse[:, None]) * -total[:, None]
     dz = dz.scatter_add(1, safe[:, None], coef[:, None])
     if nll_coef is not None:
         dz = dz.scatter_add(1, nll_safe[:, None], nll_coef[:, None])
-    return (dz @ weight).to(x.dtype), dz, None if bias is None else dz.sum(0)
+    grad_bias = None if bias is None else dz.sum(0)
+    dz = dz.to(weight.dtype)
+    return (dz @ weight).to(x.dtype), dz, grad_bias
 
 
 TOKEN_PASS = CompiledFunction("preference_tokens", token_math, {0: LEADING, 3: ALL, 4: ALL})
@@ -59,14 +66,13 @@ def _token_pass(x: torch.Tensor, weight: torch.Tensor, bias, gathers: list[torch
     """Per token: logsumexp of its logits, their sum, and its logit at each class row of `gathers` (one or two)."""
     rows = x.shape[0] * x.shape[1]
     x2d = x.reshape(rows, x.shape[2])
-    w = weight.to(wide)
     b = bias.to(wide) if bias is not None else None
     step = chunk_rows(rows, weight.shape[0])
     lse, row_sum, picked, nll_picked = [], [], [], []
     for start in range(0, max(rows, 1), step):
         stop = min(start + step, rows)
         second = gathers[1][start:stop] if len(gathers) > 1 else None
-        tile = TOKEN_PASS((x2d[start:stop], w, b, gathers[0][start:stop], second), {"wide": wide})
+        tile = TOKEN_PASS((x2d[start:stop], weight, b, gathers[0][start:stop], second), {"wide": wide})
         for out, value in zip((lse, row_sum, picked, nll_picked), tile):
             out.append(value)
     picked_all = [torch.cat(picked)] + ([torch.cat(nll_picked)] if len(gathers) > 1 else [])
@@ -77,7 +83,7 @@ def _gradient_tile(x_tile, w, b, lse, safe, coef, total, nll_safe, nll_coef, wid
     return GRADIENT_PASS((x_tile, w, b, lse, safe, coef, total, nll_safe, nll_coef), {"wide": wide})
 
 
-backward = reference.make_backward(_gradient_tile, chunk_rows)
+backward = reference.make_backward(_gradient_tile, chunk_rows, weight_dtype_gemms=True)
 
 
 def _kernel(op: str, pairs_fn, extras_fn, always_average: bool) -> KernelSpec:

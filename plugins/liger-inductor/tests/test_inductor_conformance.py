@@ -22,6 +22,11 @@ def test_conforms(op):
         ("rms_norm", {"casting_mode": "gemma", "offset": 1.0}),
         ("fused_linear_cross_entropy", {"reduction": "none", "lse_square_scale": 1e-3, "return_z_loss": True}),
         ("fused_linear_orpo", {"with_nll_target": True, "with_bias": True}),
+        # the weight gradient accumulated in bf16 (the default) and in float32 (accum_dtype), with a bias
+        ("fused_linear_cross_entropy", {"with_bias": True, "label_smoothing": 0.1}),
+        ("fused_linear_cross_entropy", {"with_bias": True, "accum_dtype": torch.float32}),
+        ("fused_linear_jsd", {"with_labels": True, "temperature": 2.0}),
+        ("fused_linear_dpo", {}),
     ],
 )
 def test_conforms_in_bfloat16_with_options(op, attrs):
