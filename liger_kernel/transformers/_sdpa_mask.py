@@ -13,8 +13,13 @@ compiled, patched or not (benchmarks/results/2026-11-29-h200-train_step-profile.
 no padding mask and either one query or as many queries as keys, with no sliding window that the keys reach past.
 That is exactly eager mode's decision for those inputs, so the compiled model computes what the eager one does; in
 every other case (a padding mask, whose values cannot be read while tracing; static-cache tensor offsets; a
-window) transformers decides as before. Traced by ``torch.export``, a model patched this way also relies on
-``is_causal`` for mask-free inputs of equal query and key lengths, which such a model's inputs always are.
+window) transformers decides as before. ``torch.export`` traces through the same code, so an exported patched
+model also uses ``is_causal`` for inputs without a padding mask and with as many queries as keys (the exported
+graph then guards on that equality).
+
+The flag of `default_positions` is a plain attribute, one per process. It is only read while compiling, where the
+patched forward sets it and the mask code reads it in the same traced call: Dynamo tracks that assignment itself
+rather than reading another thread's value.
 
 A second condition blocks the skip while compiling a model without a cache (``use_cache=False``, as in training):
 transformers looks for packed sequences in the position ids (``find_packed_sequence_indices``), which it cannot
