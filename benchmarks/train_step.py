@@ -483,7 +483,13 @@ def run_fsdp(options: dict) -> dict:
         return merge_ranks(_rank_results(directory, world))
     except Exception as error:  # recorded, not raised: the other variants still run
         message, trace = f"{type(error).__name__}: {error}", traceback.format_exc()
-        for rank, ranked in enumerate(_rank_results(directory, world)):
+        ranks = _rank_results(directory, world)
+        if all(ranked is not None and "error" not in ranked for ranked in ranks):
+            # Every rank had finished training and written its results: a process that dies after
+            # that (seen once in CI on the CPU: SIGABRT, cause unknown) spoils no measurement. Kept as a warning.
+            log(f"  {name}: a rank failed after the run: {message[:300]}")
+            return dict(merge_ranks(ranks), warning=f"after the run: {message}"[:1000])
+        for rank, ranked in enumerate(ranks):
             if ranked and "error" in ranked:  # the first rank that failed says why better than the spawner can
                 message, trace = f"rank {rank}: {ranked['error']}", ranked["traceback"]
                 break
@@ -667,7 +673,7 @@ def markdown(summary: dict) -> str:
             f"| {number(run.get('step_ms'), '.1f')} | {number(run.get('peak_memory_gb'), '.2f')} "
             f"| {number(run.get('first_loss'), '.4f')} | {number(run.get('last_loss'), '.4f')} "
             f"| {number(run.get('first_loss_delta'), '+.4f')} |{single} {number(run.get('first_step_s'), '.1f')} "
-            f"| {_short(run.get('error', ''), 160)} |"
+            f"| {_short(run.get('error') or run.get('warning', ''), 160)} |"
         )
     for run in runs:
         profile = run.get("profile")

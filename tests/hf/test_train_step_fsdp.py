@@ -22,6 +22,13 @@ TINY = (
 )
 
 
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_fsdp2_on_two_processes(tmp_path):
     out = tmp_path / "report.json"
     done = subprocess.run(
@@ -33,7 +40,8 @@ def test_fsdp2_on_two_processes(tmp_path):
     runs = {run["variant"]: run for run in report["runs"]}
     assert list(runs) == ["unpatched", "ours"]
     for run in runs.values():
-        assert "error" not in run, (run.get("error"), run.get("traceback"), run.get("stderr"))
+        details = "\n".join(str(run.get(key) or "")[-3000:] for key in ("error", "traceback", "stderr", "warning"))
+        assert "error" not in run, details
         assert run["world"] == 2 and run["tokens_per_s"] > 0
         assert len(run["losses"]) == 3 and run["finite"] and all(math.isfinite(v) for v in run["losses"])
         assert run["peak_memory_gb"] is None and run["per_rank_peak_memory_gb"] == [None, None]  # CPU
@@ -49,11 +57,33 @@ def test_fsdp2_on_two_processes(tmp_path):
 
 
 def test_only_a_world_above_one_reaches_the_child(tmp_path):
-    spec = importlib.util.spec_from_file_location("train_step_benchmark", SCRIPT)
-    train_step = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_step)
+    train_step = _load_script()
     options = dict(train_step.parse(TINY.split()), out_stem="x")
     command = train_step.child_command(options, "ours", False, "out.json")
     assert command[command.index("--world") + 1] == "2" and command[command.index("--child-timeout") + 1] == "120"
     single = dict(train_step.parse(TINY.replace("--world 2", "--world 1").split()), out_stem="x")
     assert "--world" not in train_step.child_command(single, "ours", False, "out.json")
+
+
+@pytest.mark.parametrize("written", [2, 1])
+def test_a_rank_that_dies_after_writing_its_results_is_a_warning_not_an_error(monkeypatch, written):
+    # Once in CI a rank ended with SIGABRT after the run (cause unknown). With every rank's results written, the
+    # variant keeps its measurements and records a warning; with a rank's results missing it is an error.
+    train_step = _load_script()
+
+    def spawn_then_die(options, directory):
+        for rank in range(written):
+            result = {"peak_memory_gb": None, "first_loss": 2.0 + rank, "finite": True, "tokens_per_s": 10.0}
+            if rank == 0:
+                result["single_process_first_loss"] = 2.0
+            (Path(directory) / f"rank{rank}.json").write_text(json.dumps(result))
+        raise RuntimeError("process 1 terminated with signal SIGABRT")
+
+    monkeypatch.setattr(train_step, "spawn_ranks", spawn_then_die)
+    options = dict(train_step.parse(TINY.split()), variant="ours", compiled=False)
+    result = train_step.run_fsdp(options)
+    if written == 2:
+        assert "error" not in result and "SIGABRT" in result["warning"]
+        assert result["per_rank_first_loss"] == [2.0, 3.0] and result["single_process_first_loss_delta"] == 0.0
+    else:
+        assert "SIGABRT" in result["error"] and "tokens_per_s" not in result
