@@ -201,6 +201,20 @@ def make_optimizer(model, options: dict, cuda: bool, result: dict):
     return optimizer
 
 
+def training_step(step_model, optimizer, input_ids, labels, losses: list):
+    """One step: forward, backward, optimizer step, gradients dropped; the loss kept as a tensor in `losses` (read
+    after the timing, so that reading it does not synchronise)."""
+
+    def step():
+        loss = step_model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    return step
+
+
 def warm_up(step, synchronize, options: dict, result: dict, losses: list, name: str | None) -> None:
     """The untimed steps; the first one's time is recorded (it includes compilation). Logged when `name` is set."""
     for index in range(options["warmup"]):
@@ -261,13 +275,7 @@ def run_variant(options: dict) -> dict:
             result["static_memory_gb"] = torch.cuda.memory_allocated(device) / 1e9
 
         losses = []
-
-        def step():
-            loss = step_model(input_ids=input_ids, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
+        step = training_step(step_model, optimizer, input_ids, labels, losses)
 
         def synchronize():
             if cuda:
@@ -356,13 +364,7 @@ def train_rank(options: dict, rank: int, device) -> dict:
         result["static_memory_gb"] = torch.cuda.memory_allocated(device) / 1e9
 
     losses = []
-
-    def step():
-        loss = step_model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+    step = training_step(step_model, optimizer, input_ids, labels, losses)
 
     def synchronize():
         if cuda:

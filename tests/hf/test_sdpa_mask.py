@@ -5,7 +5,7 @@ still be built."""
 
 import pytest
 import torch
-from tiny_hf import batch, tiny_config
+from tiny_hf import assert_same_training_step, batch, patched_copy, tiny_config, tiny_model
 from transformers import masking_utils
 
 from liger_kernel.transformers import apply_liger_kernel_to_llama
@@ -90,7 +90,6 @@ def _sdpa_calls(counter):
 def _compiled_sdpa_llama(monkeypatch, use_cache: bool):
     """(unpatched sdpa Llama, patched copy, compile counter, the patched copy compiled whole with aot_eager)."""
     import torch._dynamo.testing
-    from tiny_hf import patched_copy, tiny_model
 
     monkeypatch.setenv("LIGER_KERNEL_BACKEND", "reference")
     torch._dynamo.reset()
@@ -109,16 +108,9 @@ def _compiled_sdpa_llama(monkeypatch, use_cache: bool):
 def test_compiled_patched_sdpa_llama_attends_causally_and_matches_eager(wrapped, monkeypatch, use_cache):
     # The whole patched model compiled (aot_eager): its attention calls sdpa with is_causal=True and no mask, and the
     # loss and gradients are those of the eager unpatched model.
-    from tiny_hf import assert_same_grads
-
     reference, patched, counter, compiled = _compiled_sdpa_llama(monkeypatch, use_cache)
     input_ids, labels = batch()
-    expected = reference(input_ids=input_ids, labels=labels).loss
-    expected.backward()
-    got = compiled(input_ids=input_ids, labels=labels).loss
-    got.backward()
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-4, atol=1e-5)
-    assert_same_grads(reference, patched, rtol=1e-3, atol=1e-5)
+    assert_same_training_step(reference, patched, compiled, input_ids=input_ids, labels=labels)
     calls = _sdpa_calls(counter)
     assert len(calls) == reference.config.num_hidden_layers
     for node in calls:
@@ -129,19 +121,14 @@ def test_compiled_patched_sdpa_llama_attends_causally_and_matches_eager(wrapped,
 def test_compiled_patched_sdpa_llama_keeps_the_mask_of_packed_positions(wrapped, monkeypatch):
     # Position ids from the caller (two sequences packed in each row) are examined as before: the compiled model
     # builds the block mask and computes what the eager unpatched model computes.
-    from tiny_hf import assert_same_grads
-
     reference, patched, counter, compiled = _compiled_sdpa_llama(monkeypatch, use_cache=False)
     input_ids, labels = batch()
     length = input_ids.shape[1]
     split = length // 2
     position_ids = torch.cat([torch.arange(split), torch.arange(length - split)]).expand(input_ids.shape[0], -1)
-    expected = reference(input_ids=input_ids, labels=labels, position_ids=position_ids).loss
-    expected.backward()
-    got = compiled(input_ids=input_ids, labels=labels, position_ids=position_ids).loss
-    got.backward()
-    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-4, atol=1e-5)
-    assert_same_grads(reference, patched, rtol=1e-3, atol=1e-5)
+    expected = assert_same_training_step(
+        reference, patched, compiled, input_ids=input_ids, labels=labels, position_ids=position_ids
+    )
     unpacked = reference(input_ids=input_ids, labels=labels).loss
     assert abs(unpacked.item() - expected.item()) > 1e-4  # the packing changes the loss: the mask matters
     calls = _sdpa_calls(counter)

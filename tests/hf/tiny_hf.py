@@ -99,6 +99,18 @@ def assert_same_grads(expected: torch.nn.Module, actual: torch.nn.Module, rtol=1
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def assert_same_training_step(reference, patched, run_patched, **inputs) -> torch.Tensor:
+    """One forward and backward of `reference` and of `run_patched` (the patched model, or a compiled wrapper of
+    it) on `inputs`: the losses and every parameter's gradient agree. Returns the reference's loss."""
+    expected = reference(**inputs).loss
+    expected.backward()
+    got = run_patched(**inputs).loss
+    got.backward()
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-4, atol=1e-5)
+    assert_same_grads(reference, patched, rtol=1e-3, atol=1e-5)
+    return expected
+
+
 class OpRecorder:
     """Records the operators called through ``liger_core.call`` (installed with monkeypatch)."""
 
