@@ -201,6 +201,16 @@ def make_optimizer(model, options: dict, cuda: bool, result: dict):
     return optimizer
 
 
+def record_build(result: dict, started: float, device) -> None:
+    """The seconds spent building since `started`, and on a GPU the memory the model and optimizer hold."""
+    import torch
+
+    result["build_s"] = time.perf_counter() - started
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        result["static_memory_gb"] = torch.cuda.memory_allocated(device) / 1e9
+
+
 def training_step(step_model, optimizer, input_ids, labels, losses: list):
     """One step: forward, backward, optimizer step, gradients dropped; the loss kept as a tensor in `losses` (read
     after the timing, so that reading it does not synchronise)."""
@@ -269,10 +279,7 @@ def run_variant(options: dict) -> dict:
         optimizer = make_optimizer(model, options, cuda, result)
         step_model = torch.compile(model) if compiled else model
         input_ids, labels = batch(options, device)
-        result["build_s"] = time.perf_counter() - started
-        if cuda:
-            torch.cuda.synchronize(device)
-            result["static_memory_gb"] = torch.cuda.memory_allocated(device) / 1e9
+        record_build(result, started, device)
 
         losses = []
         step = training_step(step_model, optimizer, input_ids, labels, losses)
@@ -358,10 +365,7 @@ def train_rank(options: dict, rank: int, device) -> dict:
     fully_shard(model)
     optimizer = make_optimizer(model, options, cuda, result)
     step_model = torch.compile(model) if options["compiled"] else model
-    result["build_s"] = time.perf_counter() - started
-    if cuda:
-        torch.cuda.synchronize(device)
-        result["static_memory_gb"] = torch.cuda.memory_allocated(device) / 1e9
+    record_build(result, started, device)
 
     losses = []
     step = training_step(step_model, optimizer, input_ids, labels, losses)
