@@ -39,8 +39,10 @@ from .rms_norm import DTYPES, _launch, cast_to, launcher_op, next_power_of_2
 
 REDUCTIONS = ("mean", "sum", "none")
 # Chunk of a row per step of the sweeps (elements) and warps of the row kernel: starting points from the register
-# budget (16 fp32 values per thread per live tensor), to be swept on an H200 at V = 32000 .. 256000.
-BLOCK_V, ROW_WARPS = 4096, 8
+# budget (16 fp32 values per thread per live tensor), to be swept on an H200 at V = 32000 .. 256000. ROW_STAGES:
+# loads of that many steps in flight (Triton's loop pipelining): one program per row has too few bytes in flight to
+# keep the memory busy when each step waits for its own load.
+BLOCK_V, ROW_WARPS, ROW_STAGES = 4096, 8, 1
 # The one-program reductions over targets and rows, and the elementwise scaling of the backward.
 REDUCE_BLOCK = 1024
 # Slots of the per-call statistics buffer (fp32).
@@ -118,7 +120,7 @@ def cross_entropy_rows_kernel(
     ignore_index, smoothing, z_scale, softcap,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
     TOKEN_SCALING: tl.constexpr, ARGMAX: tl.constexpr, STORE_ROWS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    PER_ROW_UPSTREAM: tl.constexpr, BLOCK: tl.constexpr,
+    PER_ROW_UPSTREAM: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """One program per row. Writes the row's CE term (class-weighted, smoothed, token-scaled; 0 when ignored, NaN
     for an out-of-range target), its z-loss term and its argmax (-1 when ignored) when STORE_ROWS, and
@@ -133,13 +135,15 @@ def cross_entropy_rows_kernel(
     safe_target = tl.where(in_range, target, 0)
     offsets = tl.arange(0, BLOCK)
 
-    # Sweep 1: online max and sum of exp, smoothing sums, argmax.
+    # Sweep 1: online max and sum of exp, smoothing sums, argmax. Only the maximum is reduced across the block
+    # each step (the shift of the exponentials must be one number); the sums and the argmax stay per lane and are
+    # reduced once after the loop, so a step waits on one cross-warp reduction, not three.
     running_max = tl.full([], float("-inf"), tl.float32)
-    exp_sum = tl.zeros([], dtype=tl.float32)
-    best = tl.full([], float("-inf"), tl.float32)
-    best_index = tl.zeros([], dtype=tl.int32)
+    exp_sums = tl.zeros([BLOCK], dtype=tl.float32)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_cols = tl.zeros([BLOCK], dtype=tl.int32)
     smooth_sum = tl.zeros([BLOCK], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
+    for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
         cols = start + offsets
         mask = cols < n_cols
         # Masked lanes read 0: they add nothing to the smoothing sums, and -inf keeps them out of max and exp.
@@ -150,16 +154,14 @@ def cross_entropy_rows_kernel(
             else:
                 smooth_sum += z
         z = tl.where(mask, z, float("-inf"))
-        chunk_max = tl.max(z, axis=0)
-        new_max = tl.maximum(running_max, chunk_max)
-        exp_sum = exp_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        exp_sums = exp_sums * tl.exp(running_max - new_max) + tl.exp(z - new_max)
         running_max = new_max
         if ARGMAX:
-            chunk_index = tl.min(tl.where(z == chunk_max, cols, n_cols), axis=0)
-            better = chunk_max > best  # strictly: an earlier chunk keeps a tie
-            best_index = tl.where(better, chunk_index, best_index)
-            best = tl.where(better, chunk_max, best)
-    lse = running_max + tl.log(exp_sum)
+            better = z > best  # strictly: a lane keeps its earliest column on a tie
+            best_cols = tl.where(better, cols, best_cols)
+            best = tl.where(better, z, best)
+    lse = running_max + tl.log(tl.sum(exp_sums, axis=0))
 
     z_target = softcapped(tl.load(x_row + safe_target).to(tl.float32), softcap, SOFTCAP)
     nll = lse - z_target
@@ -186,6 +188,8 @@ def cross_entropy_rows_kernel(
         tl.store(CE_ROWS + row, ce)
         tl.store(Z_ROWS + row, tl.where(counted, z_scale * lse * lse, 0.0))
         if ARGMAX:
+            # The first column holding the maximum (torch.argmax's tie rule): the smallest of the lanes' earliest.
+            best_index = tl.min(tl.where(best == tl.max(best, axis=0), best_cols, n_cols), axis=0)
             tl.store(PRED + row, tl.where(counted, best_index.to(tl.int64), -1))
 
     if COMPUTE_GRAD:
@@ -210,7 +214,7 @@ def cross_entropy_rows_kernel(
             else:
                 p_scale += smoothing * ce_scale
         grad_row = GRAD + row * grad_row_stride
-        for start in range(0, n_cols, BLOCK):
+        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
             cols = start + offsets
             mask = cols < n_cols
             z = softcapped(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
@@ -309,7 +313,7 @@ def launch_rows(
         HAS_WEIGHT=weight is not None, SMOOTHING=smoothing > 0, HAS_Z=z_scale > 0, SOFTCAP=softcap is not None,
         TOKEN_SCALING=token_scaling, ARGMAX=pred is not None, STORE_ROWS=rows is not None,
         COMPUTE_GRAD=compute_grad, PER_ROW_UPSTREAM=upstream is not None, BLOCK=row_block(n_cols),
-        num_warps=ROW_WARPS,
+        STAGES=ROW_STAGES, num_warps=ROW_WARPS,
     )  # fmt: skip
 
 

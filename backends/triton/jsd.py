@@ -41,11 +41,13 @@ INPUT_DTYPES = DTYPES + (torch.float64,)  # log_p is only read (and rounded to f
 INDEX_DTYPES = (torch.int64, torch.int32)
 # Where the gradient is computed (see the module docstring).
 GRADIENT_IN_FORWARD = True
-# Elements of one tile and the widest column block. Untuned: to be swept on an H200.
+# Elements of one tile, the widest column block, the grid, and STAGES: tiles whose loads are in flight at once
+# (Triton's loop pipelining). Untuned: to be swept on an H200 (benchmarks/tune.py).
 TILE = 4096
 MAX_BLOCK_COLS = 4096
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 8
+STAGES = 1
 
 
 # -- kernels -------------------------------------------------------------------------------------------------------
@@ -95,7 +97,7 @@ def jsd_kernel(
     n_rows, n_cols, q_row_stride, p_row_stride, grad_row_stride,
     beta, log_beta, log_1m_beta, ignore_index,
     MODE: tl.constexpr, HAS_LABELS: tl.constexpr, WANT_LOSS: tl.constexpr, WANT_GRAD: tl.constexpr,
-    HAS_G: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    HAS_G: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Program i walks tiles i, i + programs, ...; it writes its loss partial (WANT_LOSS) and the gradient of its
     tiles, ``coef · [g ·] d term / d log_q`` (WANT_GRAD; zero on rows that do not count)."""
@@ -109,7 +111,7 @@ def jsd_kernel(
         if HAS_G:
             coef = coef * tl.load(G).to(tl.float32)
     acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for tile in range(pid, tiles, programs):
+    for tile in tl.range(pid, tiles, programs, num_stages=STAGES):
         rows = (tile // col_blocks).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = (tile % col_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         col_mask = cols < n_cols
@@ -189,7 +191,7 @@ def jsd_forward(
         n_rows, n_cols, log_q.stride(0), log_p.stride(0), n_cols,
         beta, log_beta, log_1m_beta, ignore_index,
         MODE=mode_of(beta), HAS_LABELS=shift_labels is not None, WANT_LOSS=True, WANT_GRAD=want_grad,
-        HAS_G=False, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        HAS_G=False, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, STAGES=STAGES,
         num_warps=NUM_WARPS,
     )  # fmt: skip
     loss = (partials.sum() * coef).to(log_q.dtype)
@@ -220,7 +222,7 @@ def jsd_backward(
         n_rows, n_cols, log_q.stride(0), log_p.stride(0), n_cols,
         beta, log_beta, log_1m_beta, ignore_index,
         MODE=mode_of(beta), HAS_LABELS=shift_labels is not None, WANT_LOSS=False, WANT_GRAD=True,
-        HAS_G=True, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols,
+        HAS_G=True, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, STAGES=STAGES,
         num_warps=NUM_WARPS,
     )  # fmt: skip
     return grad

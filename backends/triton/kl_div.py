@@ -6,11 +6,15 @@ For "none" each block's elementwise loss is stored; otherwise each program keeps
 writes one partial, which torch sums (deterministic for a given grid) and divides as the reduction asks.
 
 Backward. The gradient with respect to y_pred does not depend on y_pred: ``−y_true`` (``−exp(y_true)`` when
-log_target) times the reduction's scale and the upstream gradient. So it is written by the backward launch from
-y_true alone rather than by the forward and scaled later: one read and one write per element instead of a write in
-the forward plus a read and a write in the backward, and no (input-sized) buffer held from forward to backward. The
-upstream gradient is either elementwise ("none") or a 0-D tensor read on the device; a broadcast one (all strides 0,
-as ``loss.sum()`` hands back) is read as a scalar too.
+log_target) times the reduction's scale and the upstream gradient.
+
+- "batchmean", "mean", "sum" (a scalar loss): the forward launch writes ``−y_true · scale`` while y_true is in
+  registers, and the backward multiplies it by the upstream scalar in place (``_scaling``; nothing is read or written
+  for ``loss.backward()``, whose upstream is exactly 1). Traffic per element: 2 reads and 1 write in all, against 2
+  reads in the forward plus 1 read and 1 write in a backward that wrote it; the price is the gradient buffer existing
+  from the forward on (it is an output either way, so the peak is the same).
+- "none": the upstream is one value per element, unknown in the forward; the backward launch writes
+  ``−y_true · dy`` from y_true and dy.
 
 Under torch.compile the launchers run as custom ops opaque to Inductor; eagerly they are plain calls (see rms_norm.py's
 launchers for why). They never write their inputs.
@@ -24,14 +28,17 @@ import triton.language as tl
 
 from liger_core.spec import KernelSpec
 
+from ._scaling import scale_by_gradient
 from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, sm_count
 
 TARGET_DTYPES = DTYPES + (torch.float64,)  # y_true is only read (and rounded to fp32, as the reference does)
 REDUCTIONS = ("batchmean", "mean", "sum", "none")
-# Elements per block and the grid. Untuned: to be swept on an H200.
+# Elements per block, the grid, and STAGES: blocks whose loads are in flight at once (Triton's loop pipelining).
+# Untuned: to be swept on an H200 (benchmarks/tune.py).
 BLOCK = 4096
 NUM_WARPS = 8
 PROGRAMS_PER_SM = 8
+STAGES = 1
 
 
 # -- kernels -------------------------------------------------------------------------------------------------------
@@ -39,22 +46,29 @@ PROGRAMS_PER_SM = 8
 
 @triton.jit
 def kl_div_forward_kernel(
-    Y_PRED, Y_TRUE, LOSS, PARTIALS,
-    n_elements, eps,
-    LOG_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, BLOCK: tl.constexpr,
+    Y_PRED, Y_TRUE, LOSS, PARTIALS, DX,
+    n_elements, eps, grad_scale,
+    LOG_TARGET: tl.constexpr, ELEMENTWISE: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):  # fmt: skip
+    """The loss (elementwise, or one fp32 partial sum per program) and, when WRITE_GRAD, dx = −y_true · grad_scale
+    (−exp(y_true) · ... when log_target)."""
     pid = tl.program_id(0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     step = tl.num_programs(0).to(tl.int64) * BLOCK
-    for start in range(pid.to(tl.int64) * BLOCK, n_elements, step):
+    for start in tl.range(pid.to(tl.int64) * BLOCK, n_elements, step, num_stages=STAGES):
         offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n_elements
         pred = tl.load(Y_PRED + offsets, mask=mask, other=0.0).to(tl.float32)
         true = tl.load(Y_TRUE + offsets, mask=mask, other=0.0).to(tl.float32)
         if LOG_TARGET:
-            loss = tl.exp(true) * (true - pred)
+            weight = tl.exp(true)  # the target's probability
+            loss = weight * (true - pred)
         else:
+            weight = true
             loss = true * (tl.log(tl.maximum(true, eps)) - pred)
+        if WRITE_GRAD:
+            tl.store(DX + offsets, cast_to(-weight * grad_scale, DX.dtype.element_ty), mask=mask)
         if ELEMENTWISE:
             tl.store(LOSS + offsets, cast_to(loss, LOSS.dtype.element_ty), mask=mask)
         else:
@@ -66,16 +80,16 @@ def kl_div_forward_kernel(
 @triton.jit
 def kl_div_backward_kernel(
     Y_TRUE, DY, DX,
-    n_elements, scale,
-    LOG_TARGET: tl.constexpr, DY_IS_SCALAR: tl.constexpr, BLOCK: tl.constexpr,
+    n_elements,
+    LOG_TARGET: tl.constexpr, DY_IS_SCALAR: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """dx = −y_true · scale · dy (−exp(y_true) · ... when log_target)."""
+    """dx = −y_true · dy (−exp(y_true) · dy when log_target)."""
     pid = tl.program_id(0)
     dy = 1.0
     if DY_IS_SCALAR:
         dy = tl.load(DY).to(tl.float32)
     step = tl.num_programs(0).to(tl.int64) * BLOCK
-    for start in range(pid.to(tl.int64) * BLOCK, n_elements, step):
+    for start in tl.range(pid.to(tl.int64) * BLOCK, n_elements, step, num_stages=STAGES):
         offsets = start + tl.arange(0, BLOCK)
         mask = offsets < n_elements
         true = tl.load(Y_TRUE + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -83,7 +97,7 @@ def kl_div_backward_kernel(
             true = tl.exp(true)
         if not DY_IS_SCALAR:
             dy = tl.load(DY + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offsets, cast_to(-true * (scale * dy), DX.dtype.element_ty), mask=mask)
+        tl.store(DX + offsets, cast_to(-true * dy, DX.dtype.element_ty), mask=mask)
 
 
 def grid_size(n_elements: int, device: torch.device) -> int:
@@ -94,40 +108,43 @@ def grid_size(n_elements: int, device: torch.device) -> int:
 
 
 def kl_div_forward(
-    y_pred: torch.Tensor, y_true: torch.Tensor, eps: float, log_target: bool, elementwise: bool
-) -> torch.Tensor:
-    """y_pred, y_true: contiguous, 1-D. Returns the elementwise loss in y_pred's dtype ("none"), else the fp32 sum
-    as a 0-D tensor."""
+    y_pred: torch.Tensor, y_true: torch.Tensor, eps: float, log_target: bool, elementwise: bool, grad_divisor: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y_pred, y_true: contiguous, 1-D. Returns (the elementwise loss in y_pred's dtype ("none"), else the fp32 sum
+    as a 0-D tensor; the gradient for a unit upstream, in y_pred's dtype, when `grad_divisor` > 0, else an empty
+    tensor). The reduction divides the sum by `grad_divisor`: an int, not the scale, because under torch.compile it
+    may be a symbolic size, which a float computed from it in the traced code would specialise."""
     n = y_pred.numel()
-    loss = torch.empty((n,) if elementwise else (0,), dtype=y_pred.dtype, device=y_pred.device)
+    write_grad = grad_divisor > 0
+    device = y_pred.device
+    loss = torch.empty((n,) if elementwise else (0,), dtype=y_pred.dtype, device=device)
+    dx = torch.empty((n,) if write_grad else (0,), dtype=y_pred.dtype, device=device)
     if n == 0:
-        return loss if elementwise else torch.zeros((), dtype=torch.float32, device=y_pred.device)
-    programs = grid_size(n, y_pred.device)
-    partials = torch.empty((0,) if elementwise else (programs,), dtype=torch.float32, device=y_pred.device)
+        return (loss if elementwise else torch.zeros((), dtype=torch.float32, device=device)), dx
+    programs = grid_size(n, device)
+    partials = torch.empty((0,) if elementwise else (programs,), dtype=torch.float32, device=device)
     _launch(kl_div_forward_kernel)[(programs,)](
-        y_pred, y_true, loss, partials,
-        n, eps,
-        LOG_TARGET=log_target, ELEMENTWISE=elementwise, BLOCK=BLOCK,
+        y_pred, y_true, loss, partials, dx,
+        n, eps, 1.0 / max(grad_divisor, 1),
+        LOG_TARGET=log_target, ELEMENTWISE=elementwise, WRITE_GRAD=write_grad, BLOCK=BLOCK, STAGES=STAGES,
         num_warps=NUM_WARPS,
     )  # fmt: skip
-    return loss if elementwise else partials.sum()
+    return (loss if elementwise else partials.sum()), dx
 
 
 def kl_div_backward(
-    y_true: torch.Tensor, dy: torch.Tensor, divisor: int, log_target: bool, dy_is_scalar: bool, dtype: torch.dtype
+    y_true: torch.Tensor, dy: torch.Tensor, log_target: bool, dy_is_scalar: bool, dtype: torch.dtype
 ) -> torch.Tensor:
-    """y_true: contiguous, 1-D; dy: 0-D or a single element when `dy_is_scalar`, else contiguous like y_true; the
-    reduction divided the sum by `divisor` (1 for "sum" and "none"). An int, not the scale: under torch.compile it
-    may be a symbolic size, which a float computed from it in the traced code would specialise."""
-    scale = 1.0 / max(divisor, 1)
+    """Reduction "none": y_true contiguous, 1-D; dy one value when `dy_is_scalar` (a broadcast upstream, as
+    ``loss.sum()`` hands back), else contiguous like y_true. Returns dx = −y_true · dy in `dtype`."""
     n = y_true.numel()
     dx = torch.empty((n,), dtype=dtype, device=y_true.device)
     if n == 0:
         return dx
     _launch(kl_div_backward_kernel)[(grid_size(n, y_true.device),)](
         y_true, dy, dx,
-        n, scale,
-        LOG_TARGET=log_target, DY_IS_SCALAR=dy_is_scalar, BLOCK=BLOCK,
+        n,
+        LOG_TARGET=log_target, DY_IS_SCALAR=dy_is_scalar, BLOCK=BLOCK, STAGES=STAGES,
         num_warps=NUM_WARPS,
     )  # fmt: skip
     return dx
@@ -147,29 +164,34 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     true = y_true.detach().reshape(-1).contiguous()  # no gradient to the target
     reduction = attrs["reduction"]
     elementwise = reduction == "none"
-    launcher = kl_div_forward_op if torch.compiler.is_compiling() else kl_div_forward
-    result = launcher(pred, true, attrs["eps"], attrs["log_target"], elementwise)
-    if elementwise:
-        loss, divisor = result.view(shape), 1
-    elif reduction == "sum":
-        loss, divisor = result, 1
+    if reduction in ("none", "sum"):
+        divisor = 1
     else:
         divisor = pred.numel() if reduction == "mean" else (shape[0] if len(shape) else 1)
-        loss = result / divisor
-    saved = (true, shape, y_pred.dtype, divisor, attrs["log_target"]) if needs_grad else None
+    gradient_now = needs_grad and not elementwise
+    launcher = kl_div_forward_op if torch.compiler.is_compiling() else kl_div_forward
+    result, dx = launcher(pred, true, attrs["eps"], attrs["log_target"], elementwise, divisor if gradient_now else 0)
+    loss = result.view(shape) if elementwise else result / divisor
+    saved = None
+    if gradient_now:
+        saved = ("scale", dx.view(shape), y_pred.dtype)
+    elif needs_grad:
+        saved = ("write", true, shape, y_pred.dtype, attrs["log_target"])
     return (loss.to(y_pred.dtype),), saved
 
 
 def backward(saved: tuple, grad_outputs: tuple):
-    true, shape, dtype, divisor, log_target = saved
     (dy,) = grad_outputs
     if dy is None:
         return (None,)
-    # A 0-D gradient (a reduction) or a broadcast one is one value; otherwise one per element.
-    dy_is_scalar = dy.dim() == 0 or all(stride == 0 for stride in dy.stride())
+    if saved[0] == "scale":  # a scalar loss: the forward wrote the gradient for a unit upstream
+        _, dx, dtype = saved
+        return (scale_by_gradient(dx, dy, dtype),)
+    _, true, shape, dtype, log_target = saved
+    dy_is_scalar = all(stride == 0 for stride in dy.stride())  # a broadcast upstream is one value
     dy = dy if dy_is_scalar else dy.reshape(-1).contiguous()
     launcher = kl_div_backward_op if torch.compiler.is_compiling() else kl_div_backward
-    return (launcher(true, dy, divisor, log_target, dy_is_scalar, dtype).view(shape),)
+    return (launcher(true, dy, log_target, dy_is_scalar, dtype).view(shape),)
 
 
 def supports(inputs: tuple, attrs: dict) -> list[str]:
