@@ -85,7 +85,13 @@ def cross_entropy():
         grad, logits.grad = logits.grad, None
         return loss, grad
 
-    settings = grid(BLOCK_V=[2048, 4096, 8192], ROW_WARPS=[4, 8, 16], ROW_STAGES=[1, 2, 3])
+    # A program per row (the first sweep found BLOCK_V 2048-4096 with 4-8 warps best there), then persistent grids,
+    # whose few rows in flight let the second pass over a row hit L2 and need deep pipelines to keep HBM busy.
+    tiles = [{"BLOCK_V": b, "ROW_WARPS": w} for b, w in ((2048, 4), (2048, 8), (4096, 8))]
+    settings = [{**t, **g} for t in tiles for g in grid(ROW_STAGES=[1, 3], ROW_PROGRAMS_PER_SM=[0], L2_HINTS=[0, 1])]
+    tiles = [{"BLOCK_V": b, "ROW_WARPS": w} for b, w in ((2048, 8), (4096, 8), (4096, 16), (8192, 16))]
+    persistent = grid(ROW_STAGES=[2, 4], ROW_PROGRAMS_PER_SM=[1, 2, 4], L2_HINTS=[0, 1])
+    settings += [{**t, **g} for t in tiles for g in persistent]
     return sweep("cross_entropy (8192, 128256) bf16", module, settings, step)
 
 
@@ -96,7 +102,7 @@ def kl_div():
     p = torch.randn(4096, 128256, device="cuda").softmax(-1)
 
     def step():
-        loss = liger_core.call("kl_div", log_q, p, reduction="batchmean", impl="triton")[0]
+        loss = liger_core.call("kl_div", log_q, p, reduction="batchmean", impl="triton")
         loss.backward()
         grad, log_q.grad = log_q.grad, None
         return loss, grad
@@ -113,7 +119,7 @@ def jsd():
     log_p = torch.randn(4096, 128256, device="cuda").log_softmax(-1)
 
     def step():
-        loss = liger_core.call("jsd", log_q, log_p, None, impl="triton")[0]
+        loss = liger_core.call("jsd", log_q, log_p, None, impl="triton")
         loss.backward()
         grad, log_q.grad = log_q.grad, None
         return loss, grad
@@ -155,7 +161,7 @@ def fused_linear_jsd():
     wt = torch.randn(128256, 4096, device="cuda", dtype=BF16) * 4096**-0.5
 
     def step():
-        loss = liger_core.call("fused_linear_jsd", xs, ws, xt, wt, None, impl="triton")[0]
+        loss = liger_core.call("fused_linear_jsd", xs, ws, xt, wt, None, impl="triton")
         loss.backward()
         grads = (xs.grad, ws.grad)
         xs.grad = ws.grad = None
