@@ -85,13 +85,7 @@ def cross_entropy():
         grad, logits.grad = logits.grad, None
         return loss, grad
 
-    # A program per row (the first sweep found BLOCK_V 2048-4096 with 4-8 warps best there), then persistent grids,
-    # whose few rows in flight let the second pass over a row hit L2 and need deep pipelines to keep HBM busy.
-    tiles = [{"BLOCK_V": b, "ROW_WARPS": w} for b, w in ((2048, 4), (2048, 8), (4096, 8))]
-    settings = [{**t, **g} for t in tiles for g in grid(ROW_STAGES=[1, 3], ROW_PROGRAMS_PER_SM=[0], L2_HINTS=[0, 1])]
-    tiles = [{"BLOCK_V": b, "ROW_WARPS": w} for b, w in ((2048, 8), (4096, 8), (4096, 16), (8192, 16))]
-    persistent = grid(ROW_STAGES=[2, 4], ROW_PROGRAMS_PER_SM=[1, 2, 4], L2_HINTS=[0, 1])
-    settings += [{**t, **g} for t in tiles for g in persistent]
+    settings = grid(BLOCK_V=[2048, 4096, 8192], ROW_WARPS=[4, 8, 16], ROW_STAGES=[1, 2, 3])
     return sweep("cross_entropy (8192, 128256) bf16", module, settings, step)
 
 

@@ -35,19 +35,15 @@ import triton.language as tl
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_in_place
-from .rms_norm import DTYPES, _launch, cast_to, launcher_op, next_power_of_2, sm_count
+from .rms_norm import DTYPES, _launch, cast_to, launcher_op, next_power_of_2
 
 REDUCTIONS = ("mean", "sum", "none")
-# Chunk of a row per step of the sweeps (elements) and warps of the row kernel: starting points from the register
-# budget (16 fp32 values per thread per live tensor), to be swept on an H200 at V = 32000 .. 256000. ROW_STAGES:
-# loads of that many steps in flight (Triton's loop pipelining): one program per row has too few bytes in flight to
-# keep the memory busy when each step waits for its own load.
-BLOCK_V, ROW_WARPS, ROW_STAGES = 4096, 8, 1
-# Sweep 2 re-reads the row sweep 1 read: it comes from L2 only while the rows in flight fit there (~250 KB a row at
-# V = 128256 in bf16, 50 MB of L2). ROW_PROGRAMS_PER_SM > 0 bounds the rows in flight with a persistent grid of that
-# many programs per SM (0: a program per row), and L2_HINTS asks L2 to keep sweep 1's lines and to let sweep 2's
-# reads and the gradient's writes go first. To be swept on an H200 (benchmarks/tune.py).
-ROW_PROGRAMS_PER_SM, L2_HINTS = 0, False
+# Chunk of a row per step of the sweeps (elements), warps of the row kernel, and ROW_STAGES: steps whose loads are in
+# flight at once (Triton's loop pipelining). From benchmarks/tune.py on an H200 at (8192, 128256) bf16, forward and
+# backward: (2048, 4, 3) 1.70-1.81 ms over two runs, against 1.77-1.86 for the former (4096, 8, 1); persistent grids
+# of 1-4 programs per SM (fewer rows in flight, so that the second sweep could hit L2) and L2 eviction hints were
+# slower or no faster (1.82-6.6 ms) and were dropped.
+BLOCK_V, ROW_WARPS, ROW_STAGES = 2048, 4, 3
 # The one-program reductions over targets and rows, and the elementwise scaling of the backward.
 REDUCE_BLOCK = 1024
 # Slots of the per-call statistics buffer (fp32).
@@ -121,125 +117,118 @@ def cross_entropy_stats_kernel(
 @triton.jit
 def cross_entropy_rows_kernel(
     X, GRAD, TARGET, WEIGHT, STATS, UPSTREAM, CE_ROWS, Z_ROWS, PRED,
-    n_rows, n_cols, x_row_stride, grad_row_stride,
+    n_cols, x_row_stride, grad_row_stride,
     ignore_index, smoothing, z_scale, softcap,
     HAS_WEIGHT: tl.constexpr, SMOOTHING: tl.constexpr, HAS_Z: tl.constexpr, SOFTCAP: tl.constexpr,
     TOKEN_SCALING: tl.constexpr, ARGMAX: tl.constexpr, STORE_ROWS: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     PER_ROW_UPSTREAM: tl.constexpr, BLOCK: tl.constexpr, STAGES: tl.constexpr,
-    SWEEP1_EVICTION: tl.constexpr, SWEEP2_EVICTION: tl.constexpr,
 ):  # fmt: skip
-    """A program per row, or a few per SM taking rows in turn. Writes the row's CE term (class-weighted, smoothed,
-    token-scaled; 0 when ignored, NaN for an out-of-range target), its z-loss term and its argmax (-1 when ignored)
-    when STORE_ROWS, and
+    """One program per row. Writes the row's CE term (class-weighted, smoothed, token-scaled; 0 when ignored, NaN
+    for an out-of-range target), its z-loss term and its argmax (-1 when ignored) when STORE_ROWS, and
     d(coefficients · terms)/d logits into GRAD when COMPUTE_GRAD (GRAD may be X itself: each chunk is read before
     it is written, by this program only). The coefficients come from STATS, or from UPSTREAM[row] when
     PER_ROW_UPSTREAM (the fused-linear backward of reduction "none")."""
-    # With a persistent grid (fewer programs than rows) each program walks rows pid, pid + programs, ...
-    for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-        x_row = X + row * x_row_stride
-        target = tl.load(TARGET + row).to(tl.int64)
-        counted = target != ignore_index
-        in_range = (target >= 0) & (target < n_cols)
-        safe_target = tl.where(in_range, target, 0)
-        offsets = tl.arange(0, BLOCK)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * x_row_stride
+    target = tl.load(TARGET + row).to(tl.int64)
+    counted = target != ignore_index
+    in_range = (target >= 0) & (target < n_cols)
+    safe_target = tl.where(in_range, target, 0)
+    offsets = tl.arange(0, BLOCK)
 
-        # Sweep 1: online max and sum of exp, smoothing sums, argmax. Only the maximum is reduced across the block
-        # each step (the shift of the exponentials must be one number); the sums and the argmax stay per lane and are
-        # reduced once after the loop, so a step waits on one cross-warp reduction, not three.
-        running_max = tl.full([], float("-inf"), tl.float32)
-        exp_sums = tl.zeros([BLOCK], dtype=tl.float32)
-        best = tl.full([BLOCK], float("-inf"), tl.float32)
-        best_cols = tl.zeros([BLOCK], dtype=tl.int32)
-        smooth_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    # Sweep 1: online max and sum of exp, smoothing sums, argmax. Only the maximum is reduced across the block
+    # each step (the shift of the exponentials must be one number); the sums and the argmax stay per lane and are
+    # reduced once after the loop, so a step waits on one cross-warp reduction, not three.
+    running_max = tl.full([], float("-inf"), tl.float32)
+    exp_sums = tl.zeros([BLOCK], dtype=tl.float32)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_cols = tl.zeros([BLOCK], dtype=tl.int32)
+    smooth_sum = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
+        cols = start + offsets
+        mask = cols < n_cols
+        # Masked lanes read 0: they add nothing to the smoothing sums, and -inf keeps them out of max and exp.
+        z = softcapped(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+        if SMOOTHING:
+            if HAS_WEIGHT:
+                smooth_sum += z * tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                smooth_sum += z
+        z = tl.where(mask, z, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(z, axis=0))
+        exp_sums = exp_sums * tl.exp(running_max - new_max) + tl.exp(z - new_max)
+        running_max = new_max
+        if ARGMAX:
+            better = z > best  # strictly: a lane keeps its earliest column on a tie
+            best_cols = tl.where(better, cols, best_cols)
+            best = tl.where(better, z, best)
+    lse = running_max + tl.log(tl.sum(exp_sums, axis=0))
+
+    z_target = softcapped(tl.load(x_row + safe_target).to(tl.float32), softcap, SOFTCAP)
+    nll = lse - z_target
+    target_weight = 1.0
+    if HAS_WEIGHT:
+        target_weight = tl.load(WEIGHT + safe_target).to(tl.float32)
+    class_total = 0.0
+    if SMOOTHING and HAS_WEIGHT:
+        class_total = tl.load(STATS + 3)
+    ce = (1.0 - smoothing) * target_weight * nll
+    if SMOOTHING:
+        if HAS_WEIGHT:
+            ce += (smoothing / n_cols) * (lse * class_total - tl.sum(smooth_sum, axis=0))
+        else:
+            ce += (smoothing / n_cols) * (n_cols * lse - tl.sum(smooth_sum, axis=0))
+    token_scale = 1.0
+    if TOKEN_SCALING:
+        token_scale = tl.exp(-nll)  # p(target), a constant for the gradient
+        ce = ce * token_scale
+
+    if STORE_ROWS:
+        ce = tl.where(counted, ce, 0.0)
+        ce = tl.where(in_range | (target == ignore_index), ce, float("nan"))
+        tl.store(CE_ROWS + row, ce)
+        tl.store(Z_ROWS + row, tl.where(counted, z_scale * lse * lse, 0.0))
+        if ARGMAX:
+            # The first column holding the maximum (torch.argmax's tie rule): the smallest of the lanes' earliest.
+            best_index = tl.min(tl.where(best == tl.max(best, axis=0), best_cols, n_cols), axis=0)
+            tl.store(PRED + row, tl.where(counted, best_index.to(tl.int64), -1))
+
+    if COMPUTE_GRAD:
+        # grad = p·p_scale - onehot(target)·target_scale - w_c·class_scale (- uniform without class weights),
+        # times the softcap's derivative 1 - (z/c)².
+        if PER_ROW_UPSTREAM:
+            ce_coefficient = tl.load(UPSTREAM + row).to(tl.float32)
+            z_coefficient = ce_coefficient
+        else:
+            ce_coefficient = tl.load(STATS + 0)
+            z_coefficient = tl.load(STATS + 1)
+        ce_scale = tl.where(counted & in_range, ce_coefficient * token_scale, 0.0)
+        target_scale = (1.0 - smoothing) * target_weight * ce_scale
+        p_scale = target_scale
+        if HAS_Z:
+            p_scale += tl.where(counted, 2.0 * z_scale * lse * z_coefficient, 0.0)
+        class_scale = 0.0
+        if SMOOTHING:
+            class_scale = (smoothing / n_cols) * ce_scale
+            if HAS_WEIGHT:
+                p_scale += class_scale * class_total
+            else:
+                p_scale += smoothing * ce_scale
+        grad_row = GRAD + row * grad_row_stride
         for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
             cols = start + offsets
             mask = cols < n_cols
-            # Masked lanes read 0: they add nothing to the smoothing sums, and -inf keeps them out of max and exp.
-            x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy=SWEEP1_EVICTION)
-            z = softcapped(x.to(tl.float32), softcap, SOFTCAP)
+            z = softcapped(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
+            grad = tl.exp(z - lse) * p_scale - tl.where(cols == safe_target, target_scale, 0.0)
             if SMOOTHING:
                 if HAS_WEIGHT:
-                    smooth_sum += z * tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
+                    grad -= class_scale * tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
                 else:
-                    smooth_sum += z
-            z = tl.where(mask, z, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(z, axis=0))
-            exp_sums = exp_sums * tl.exp(running_max - new_max) + tl.exp(z - new_max)
-            running_max = new_max
-            if ARGMAX:
-                better = z > best  # strictly: a lane keeps its earliest column on a tie
-                best_cols = tl.where(better, cols, best_cols)
-                best = tl.where(better, z, best)
-        lse = running_max + tl.log(tl.sum(exp_sums, axis=0))
-
-        z_target = softcapped(tl.load(x_row + safe_target).to(tl.float32), softcap, SOFTCAP)
-        nll = lse - z_target
-        target_weight = 1.0
-        if HAS_WEIGHT:
-            target_weight = tl.load(WEIGHT + safe_target).to(tl.float32)
-        class_total = 0.0
-        if SMOOTHING and HAS_WEIGHT:
-            class_total = tl.load(STATS + 3)
-        ce = (1.0 - smoothing) * target_weight * nll
-        if SMOOTHING:
-            if HAS_WEIGHT:
-                ce += (smoothing / n_cols) * (lse * class_total - tl.sum(smooth_sum, axis=0))
-            else:
-                ce += (smoothing / n_cols) * (n_cols * lse - tl.sum(smooth_sum, axis=0))
-        token_scale = 1.0
-        if TOKEN_SCALING:
-            token_scale = tl.exp(-nll)  # p(target), a constant for the gradient
-            ce = ce * token_scale
-
-        if STORE_ROWS:
-            ce = tl.where(counted, ce, 0.0)
-            ce = tl.where(in_range | (target == ignore_index), ce, float("nan"))
-            tl.store(CE_ROWS + row, ce)
-            tl.store(Z_ROWS + row, tl.where(counted, z_scale * lse * lse, 0.0))
-            if ARGMAX:
-                # The first column holding the maximum (torch.argmax's tie rule): the smallest of the lanes' earliest.
-                best_index = tl.min(tl.where(best == tl.max(best, axis=0), best_cols, n_cols), axis=0)
-                tl.store(PRED + row, tl.where(counted, best_index.to(tl.int64), -1))
-
-        if COMPUTE_GRAD:
-            # grad = p·p_scale - onehot(target)·target_scale - w_c·class_scale (- uniform without class weights),
-            # times the softcap's derivative 1 - (z/c)².
-            if PER_ROW_UPSTREAM:
-                ce_coefficient = tl.load(UPSTREAM + row).to(tl.float32)
-                z_coefficient = ce_coefficient
-            else:
-                ce_coefficient = tl.load(STATS + 0)
-                z_coefficient = tl.load(STATS + 1)
-            ce_scale = tl.where(counted & in_range, ce_coefficient * token_scale, 0.0)
-            target_scale = (1.0 - smoothing) * target_weight * ce_scale
-            p_scale = target_scale
-            if HAS_Z:
-                p_scale += tl.where(counted, 2.0 * z_scale * lse * z_coefficient, 0.0)
-            class_scale = 0.0
-            if SMOOTHING:
-                class_scale = (smoothing / n_cols) * ce_scale
-                if HAS_WEIGHT:
-                    p_scale += class_scale * class_total
-                else:
-                    p_scale += smoothing * ce_scale
-            grad_row = GRAD + row * grad_row_stride
-            for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-                cols = start + offsets
-                mask = cols < n_cols
-                x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy=SWEEP2_EVICTION)
-                z = softcapped(x.to(tl.float32), softcap, SOFTCAP)
-                grad = tl.exp(z - lse) * p_scale - tl.where(cols == safe_target, target_scale, 0.0)
-                if SMOOTHING:
-                    if HAS_WEIGHT:
-                        grad -= class_scale * tl.load(WEIGHT + cols, mask=mask, other=0.0).to(tl.float32)
-                    else:
-                        grad -= class_scale
-                if SOFTCAP:
-                    capped = z / softcap
-                    grad = grad * (1.0 - capped * capped)
-                tl.store(
-                    grad_row + cols, cast_to(grad, GRAD.dtype.element_ty), mask=mask, eviction_policy=SWEEP2_EVICTION
-                )
+                    grad -= class_scale
+            if SOFTCAP:
+                capped = z / softcap
+                grad = grad * (1.0 - capped * capped)
+            tl.store(grad_row + cols, cast_to(grad, GRAD.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -317,17 +306,15 @@ def launch_rows(
         return
     ce_rows, z_rows, pred = rows if rows is not None else (stats, stats, None)
     compute_grad = grad is not None
-    programs = n_rows if ROW_PROGRAMS_PER_SM <= 0 else min(n_rows, ROW_PROGRAMS_PER_SM * sm_count(logits.device))
-    _launch(cross_entropy_rows_kernel)[(programs,)](
+    _launch(cross_entropy_rows_kernel)[(n_rows,)](
         logits, grad if compute_grad else logits, target, weight if weight is not None else stats, stats,
         upstream if upstream is not None else stats, ce_rows, z_rows, pred if pred is not None else stats,
-        n_rows, n_cols, logits.stride(0), grad.stride(0) if compute_grad else 0,
+        n_cols, logits.stride(0), grad.stride(0) if compute_grad else 0,
         ignore_index, smoothing, z_scale, 1.0 if softcap is None else softcap,
         HAS_WEIGHT=weight is not None, SMOOTHING=smoothing > 0, HAS_Z=z_scale > 0, SOFTCAP=softcap is not None,
         TOKEN_SCALING=token_scaling, ARGMAX=pred is not None, STORE_ROWS=rows is not None,
         COMPUTE_GRAD=compute_grad, PER_ROW_UPSTREAM=upstream is not None, BLOCK=row_block(n_cols),
-        STAGES=ROW_STAGES, SWEEP1_EVICTION="evict_last" if L2_HINTS else "",
-        SWEEP2_EVICTION="evict_first" if L2_HINTS else "", num_warps=ROW_WARPS,
+        STAGES=ROW_STAGES, num_warps=ROW_WARPS,
     )  # fmt: skip
 
 

@@ -41,10 +41,14 @@ from .cross_entropy import contiguous_rows, finish, launch_rows, launch_stats, r
 from .rms_norm import DTYPES, launcher_op
 
 # Most bytes one chunk's logits (in the input dtype) may take, per device type. On the GPU, rows per chunk trade
-# memory for the efficiency of the grad_W GEMM, whose depth is the chunk's row count: 128 MiB gives 512 rows at
-# V = 128256 in bf16 (to be swept on an H200). On the CPU (tests) chunks are small, so several are walked.
-CHUNK_BYTES = {"cuda": 128 << 20, "cpu": 64 << 10}
-DEFAULT_CHUNK_BYTES = 128 << 20
+# memory for time: every chunk's grad_W GEMM reads and writes the whole (V, H) gradient, so fewer, deeper chunks
+# move less. benchmarks/tune.py on an H200, 8192 tokens, V 128256, bf16, forward+backward (peak extra memory):
+#   hidden 4096: 64 MiB 54.6 ms (1.19 GB), 128 MiB 44.9 (1.32), 256 MiB 42.0 (1.57), 512 MiB 41.6 (2.07), 1 GiB 39.9
+#   hidden 2048: 64 MiB 29.6 ms (0.66 GB), 128 MiB 24.2 (0.78), 256 MiB 22.4 (1.03), 512 MiB 21.2 (1.54), 1 GiB 20.7
+# 256 MiB (1024 rows at V = 128256) takes most of the gain for a quarter of a GiB. On the CPU (tests) chunks are
+# small, so several are walked.
+CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 10}
+DEFAULT_CHUNK_BYTES = 256 << 20
 
 
 def chunk_rows(rows: int, vocab: int, itemsize: int, device_type: str, chunk_bytes: dict | None = None) -> int:
