@@ -12,7 +12,8 @@ log_target) times the reduction's scale and the upstream gradient.
   registers, and the backward multiplies it by the upstream scalar in place (``_scaling``; nothing is read or written
   for ``loss.backward()``, whose upstream is exactly 1). Traffic per element: 2 reads and 1 write in all, against 2
   reads in the forward plus 1 read and 1 write in a backward that wrote it; the price is the gradient buffer existing
-  from the forward on (it is an output either way, so the peak is the same).
+  from the forward on (it is an output either way, so the peak is the same). As for cross_entropy and jsd, a second
+  backward through a retained graph raises autograd's in-place error rather than scaling the buffer twice.
 - "none": the upstream is one value per element, unknown in the forward; the backward launch writes
   ``−y_true · dy`` from y_true and dy.
 

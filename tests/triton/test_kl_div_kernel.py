@@ -145,6 +145,27 @@ def test_missing_upstream_gradient_and_no_gradient_needed(kernel_module, device)
     assert nothing is None and torch.equal(loss, loss_no_grad)
 
 
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum"])
+def test_scalar_loss_gradient_comes_from_the_forward_and_is_scaled_once(kernel_module, device, reduction):
+    """A scalar loss's gradient is written by the forward launch (for a unit upstream): the backward of
+    ``loss.backward()`` hands that buffer back untouched, another upstream scales it, and a second backward through
+    a retained graph raises instead of scaling it twice."""
+    y_pred, y_true = make((6, 45), torch.float32, device, log_target=True)
+    attrs = {"reduction": reduction, "log_target": True, "eps": 1e-10}
+    (_,), saved = kernel_module.forward((y_pred, y_true), attrs, True)
+    _, want = truth(y_pred, y_true, torch.tensor(1.0), **attrs)
+    one = torch.ones((), device=device)
+    (grad,) = kernel_module.backward(saved, (one,))
+    assert_close("unit-upstream gradient written by the forward", grad, want.to(device), torch.float32)
+
+    x = y_pred.detach().requires_grad_()
+    loss = liger_core.call("kl_div", x, y_true, impl="triton", **attrs)
+    loss.backward(torch.tensor(2.5, device=device), retain_graph=True)
+    assert_close("scaled gradient", x.grad, 2.5 * want.to(device), torch.float32)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward(torch.tensor(2.5, device=device))
+
+
 def test_supports_names_what_it_cannot_serve(kernel_module):
     meta = torch.empty(2, 8, device="meta")
     reasons = kernel_module.supports((meta.double(), meta), {"reduction": "mean"})
