@@ -4,7 +4,7 @@ gradient of any loss that depends on the logits only through those log-probs.
 
 Forward, per chunk of token rows:
 
-1. logits = F.linear(x_chunk, W, b): cuBLAS through torch, in the input dtype, into a chunk buffer;
+1. logits = F.linear(x_chunk, W, b): cuBLAS through torch, in the input dtype, into the loop's one chunk buffer;
 2. one Triton program per row sweeps the row in BLOCK-wide pieces with an online maximum and sum of exponentials
    (fp32) and writes the row's log-sum-exp, the log-prob of its target (0 where the target is ignore_index, NaN
    where a counted target lies outside [0, V)), optionally that of a second target (ORPO's nll_target), and the sum
@@ -27,7 +27,6 @@ synchronisation. Eagerly the two passes are plain calls; under torch.compile the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -36,11 +35,12 @@ from .cross_entropy import ROW_WARPS, row_block
 from .fused_linear_cross_entropy import _accumulate_weight_gradient
 from .rms_norm import _launch, cast_to, launcher_op
 
-# Most bytes one chunk's logits (in the input dtype) may take, per device type. Half fused_linear_cross_entropy's on
-# the GPU: the preference losses hold more beside the chunk (the reference pass's, the saved log-sum-exps), and issue
-# 6 bounds their memory at 1.5 GB for DPO with a reference model, x (4, 1024, 4096), V 128256. Measured on an H200:
-# 34.4 ms and 1535 MiB with 256 MiB chunks; 35.8 ms and 1.29 GB with 128 MiB.
-CHUNK_BYTES = {"cuda": 128 << 20, "cpu": flce.CHUNK_BYTES["cpu"]}
+# Most bytes one chunk's logits (in the input dtype) may take, per device type: fused_linear_cross_entropy's budget,
+# kept apart so that it can be tuned (and patched by tests) on its own. Issue 6 bounds DPO's memory at 1.5 GB (with a
+# reference model, x (4, 1024, 4096), V 128256). Measured on an H200 while every chunk still allocated its own logits
+# (two chunks alive at once): 35.8 ms / 1285 MiB with 128 MiB chunks, 34.4 ms / 1535 MiB with 256 MiB, i.e. 1034 MiB
+# of gradients plus two chunks. With one buffer for the loop, 256 MiB should give about 1290 MiB: to be confirmed.
+CHUNK_BYTES = dict(flce.CHUNK_BYTES)
 
 
 def chunk_rows(rows: int, vocab: int, itemsize: int, device_type: str) -> int:
@@ -154,9 +154,10 @@ def target_logprobs_forward(
     row_sum = torch.empty((n_rows if row_sums else 0,), **f32)
     unused = torch.empty((1,), **f32)  # stands for the outputs not asked (never written): no null or aliased pointer
     step = chunk_rows(n_rows, vocab, x.element_size(), x.device.type)
+    buffer = flce.chunk_buffer(n_rows, step, vocab, x.dtype, x.device)
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)
-        logits = F.linear(x[start:end], weight, bias)
+        logits = flce.chunk_logits(x[start:end], weight, bias, buffer)
         _launch(target_logprob_rows_kernel)[(end - start,)](
             logits, target, second if second is not None else target, lse, logp,
             second_logp if second is not None else unused, row_sum if row_sums else unused,
@@ -190,10 +191,11 @@ def target_logprobs_backward(
     grad_bias = torch.zeros((vocab if want_bias else 0,), dtype=torch.float32, device=device)
     if want_x or want_weight or want_bias:
         step = chunk_rows(n_rows, vocab, x.element_size(), device.type)
+        buffer = flce.chunk_buffer(n_rows, step, vocab, x.dtype, device)
         for start in range(0, n_rows, step):
             end = min(start + step, n_rows)
             x_chunk = x[start:end]
-            dlogits = F.linear(x_chunk, weight, bias)  # overwritten in place by the kernel
+            dlogits = flce.chunk_logits(x_chunk, weight, bias, buffer)  # overwritten in place by the kernel
             _launch(target_logprob_grad_kernel)[(end - start,)](
                 dlogits, target, second if second is not None else target, lse, coef,
                 second_coef if second_coef is not None else coef,

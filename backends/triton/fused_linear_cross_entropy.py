@@ -2,7 +2,8 @@
 
 The tokens are walked in chunks of rows. Per chunk:
 
-1. logits = F.linear(x_chunk, W, b): cuBLAS through torch, in the input dtype, into a buffer this module allocates;
+1. logits = F.linear(x_chunk, W, b): cuBLAS through torch, in the input dtype, into the one chunk buffer this module
+   allocates for the loop;
 2. the Triton cross-entropy row kernel (cross_entropy.py) computes the chunk's loss terms and writes d loss / d logits
    over that same buffer (ours, so no copy and no version bump are needed);
 3. grad_x[chunk] = dlogits @ W, grad_W += dlogits.T @ x_chunk, grad_b += dlogits.sum(0).
@@ -33,7 +34,6 @@ detached, computed by the row kernel from the same log-sum-exp.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from liger_core.spec import KernelSpec
 
@@ -59,6 +59,20 @@ def chunk_rows(rows: int, vocab: int, itemsize: int, device_type: str, chunk_byt
     if n >= 256:
         n = n // 128 * 128
     return max(1, min(n, rows))
+
+
+def chunk_buffer(n_rows: int, step: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The one (rows, V) logits buffer a chunk loop writes every chunk into. Allocating per chunk would hold two
+    chunks at once: the previous chunk's logits stay referenced until the next chunk's assignment completes."""
+    return torch.empty((min(step, n_rows), vocab), dtype=dtype, device=device)
+
+
+def chunk_logits(x_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor):
+    """``F.linear(x_chunk, weight, bias)`` (the same mm / addmm) into the first rows of `buffer`."""
+    out = buffer[: x_chunk.shape[0]]
+    if bias is None:
+        return torch.mm(x_chunk, weight.t(), out=out)
+    return torch.addmm(bias, x_chunk, weight.t(), out=out)
 
 
 def weight_accumulation_dtype(weight_dtype: torch.dtype, accum_dtype: torch.dtype | None) -> torch.dtype:
@@ -92,10 +106,11 @@ def _chunk_loop(
         grad_weight = make(weight.shape, dtype=acc, device=device)
     grad_bias = torch.zeros((vocab,), dtype=torch.float32, device=device) if want[2] else None
     step = chunk_rows(n_rows, vocab, x.element_size(), device.type)
+    buffer = chunk_buffer(n_rows, step, vocab, x.dtype, device)
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)
         x_chunk = x[start:end]
-        logits = F.linear(x_chunk, weight, bias)
+        logits = chunk_logits(x_chunk, weight, bias, buffer)
         chunk_rows_out = None if rows is None else tuple(None if r is None else r[start:end] for r in rows)
         launch_rows(
             logits, logits if compute_grad else None, target[start:end], ce_weight, stats, chunk_rows_out,

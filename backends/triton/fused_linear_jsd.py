@@ -5,7 +5,8 @@ liger_core.operators.fused_linear_jsd for the math.
 The loss is a scalar, so everything happens in the forward, over chunks of token rows (``chunk_rows``: as many rows
 as fit a memory budget for the chunk's two (rows, V) logits blocks):
 
-1. both chunks' logits with ``torch.matmul`` in the inputs' dtype (cuBLAS on the GPU; the teacher is detached);
+1. both chunks' logits with ``torch.mm`` in the inputs' dtype (cuBLAS on the GPU; the teacher is detached), each
+   into one buffer that every chunk reuses;
 2. one Triton program per block of rows makes three passes over V: the two rows' log-sum-exps of ``logits / T``
    (online max and sum), then the loss terms and ``Σ_v d loss / d log_q``, then it overwrites the student logits
    with ``d loss / d logits = coef · (g − q·Σg) / T`` (``g = d loss / d log_q``, ``coef`` = 1/number of counted rows,
@@ -32,6 +33,7 @@ from torch.torch_version import TorchVersion
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_by_gradient
+from .fused_linear_cross_entropy import chunk_buffer, chunk_logits
 from .jsd import INDEX_DTYPES, beta_logs, counted_rows, jsd_terms, mode_of
 from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2
 
@@ -187,11 +189,14 @@ def fused_linear_jsd_forward(
     log_beta, log_1m_beta = beta_logs(beta)
     labels = shift_labels if shift_labels is not None else row_loss  # never read without labels
     step = chunk_rows(n_rows, vocab, student_input.element_size(), teacher_input.element_size())
+    # One buffer each for the student's and the teacher's chunk logits, reused by every chunk (flce.chunk_buffer).
+    student_buffer = chunk_buffer(n_rows, step, vocab, student_input.dtype, device)
+    teacher_buffer = chunk_buffer(n_rows, step, vocab, teacher_input.dtype, device)
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)
         x_chunk = student_input[start:end]
-        student_logits = torch.matmul(x_chunk, student_weight.t())
-        teacher_logits = torch.matmul(teacher_input[start:end], teacher_weight.t())
+        student_logits = chunk_logits(x_chunk, student_weight, None, student_buffer)
+        teacher_logits = chunk_logits(teacher_input[start:end], teacher_weight, None, teacher_buffer)
         _launch(fused_linear_jsd_rows_kernel)[(cdiv(end - start, BLOCK_ROWS),)](
             student_logits, teacher_logits, labels[start:end] if shift_labels is not None else labels, coef,
             row_loss[start:end],
@@ -201,7 +206,6 @@ def fused_linear_jsd_forward(
             BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=min(BLOCK_COLS, next_power_of_2(vocab)),
             num_warps=NUM_WARPS,
         )  # fmt: skip
-        del teacher_logits
         dlogits = student_logits  # overwritten by the kernel
         if want_x:
             torch.matmul(dlogits, student_weight, out=grad_x[start:end])
