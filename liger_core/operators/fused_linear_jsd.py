@@ -2,7 +2,8 @@
 ``log_softmax(student_input @ student_weight.T / temperature)`` and
 ``log_softmax(teacher_input @ teacher_weight.T / temperature)``, with ``beta = jsd_beta``, without materialising
 either (BT, V) logits. Only the student gets gradients. ``accum_dtype`` is the dtype the weight gradient is
-accumulated in (kernels accumulate in at least float32 regardless).
+accumulated in across token chunks; None lets the kernel choose, as for fused_linear_cross_entropy: the reference
+uses float32, the triton kernel the weight's dtype (one rounding per chunk, no float32 copy of the weight gradient).
 """
 
 from __future__ import annotations

@@ -195,6 +195,21 @@ def test_weight_gradient_accumulates_in_float32(kernel_module, device, dtype):
         assert_close("grad w", got, want, torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
 
 
+@pytest.mark.parametrize("accum_dtype, expected", [(None, torch.bfloat16), (torch.float32, torch.float32)])
+def test_weight_gradient_dtype_follows_the_weight_unless_accum_dtype_is_wider(
+    kernel_module, device, accum_dtype, expected
+):
+    """As fused_linear_cross_entropy: the (V, H) weight gradient is accumulated in the weight's dtype by default (no
+    float32 copy of it), in accum_dtype when that is wider; the values match the float64 truth either way."""
+    tensors = make(torch.bfloat16, device)
+    labels = labels_for(device)
+    student = tuple(t.detach().requires_grad_() for t in tensors[:2])
+    _, saved = kernel_module.forward((*student, *tensors[2:], labels), {**ATTRS, "accum_dtype": accum_dtype}, True)
+    grad_x, grad_w, _, _ = saved
+    assert grad_w.dtype == expected and grad_x.dtype == torch.bfloat16
+    check(tensors, labels, accum_dtype=accum_dtype)
+
+
 def test_custom_op_schema_and_fake(kernel_module, device):
     x, w, xt, wt = make(torch.float32, device, rows=5)
     args = (x, w, xt, wt, labels_for(device, rows=5), 0.5, -100, 1.0, torch.float32, True, True)
