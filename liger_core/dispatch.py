@@ -357,17 +357,32 @@ def call(op: str, *inputs, impl: str | Sequence[str] | None = None, **attrs):
     return outputs[0] if len(outputs) == 1 else outputs
 
 
+def _autocast_off(inputs: tuple):
+    """A context that turns autocast off for the device of the first tensor input while a kernel runs, or a null
+    context when it is not on. An operator computes in its inputs' dtypes (its spec's dtype rules); under autocast the
+    torch ops inside some kernels would otherwise run in another dtype than the one they allocated for (a chunk
+    product in bf16 written into an fp32 buffer fails) and backends would disagree."""
+    for value in inputs:
+        if isinstance(value, torch.Tensor):
+            device_type = value.device.type
+            if torch.is_autocast_enabled(device_type):
+                return torch.autocast(device_type, enabled=False)
+            break
+    return contextlib.nullcontext()
+
+
 def run_kernel(spec: OpSpec, backend: str, inputs: tuple, attrs: dict) -> tuple:
-    """Run one backend's kernel: directly when no gradient is needed or autograd differentiates its forward,
-    otherwise through the generic autograd bridge that calls its backward."""
+    """Run one backend's kernel, with autocast off (`_autocast_off`): directly when no gradient is needed or autograd
+    differentiates its forward, otherwise through the generic autograd bridge that calls its backward."""
     kernel = get_registry().kernel(spec.name, backend)
     needs_grad = torch.is_grad_enabled() and any(
         inputs[i] is not None and inputs[i].requires_grad for i in spec.differentiable_inputs
     )
-    if kernel.backward is None or not needs_grad:
-        outputs, _ = kernel.forward(inputs, attrs, needs_grad)
-        return tuple(outputs)
-    return KernelFunction.apply(spec.name, backend, tuple(attrs.values()), *inputs)
+    with _autocast_off(inputs):
+        if kernel.backward is None or not needs_grad:
+            outputs, _ = kernel.forward(inputs, attrs, needs_grad)
+            return tuple(outputs)
+        return KernelFunction.apply(spec.name, backend, tuple(attrs.values()), *inputs)
 
 
 class KernelFunction(torch.autograd.Function):
@@ -405,7 +420,8 @@ class KernelFunction(torch.autograd.Function):
         saved = tuple(
             next(tensors) if is_tensor else item for is_tensor, item in zip(ctx.tensor_slots, ctx.saved_layout)
         )
-        grads = kernel.backward(saved, grad_outputs)
+        with _autocast_off(grad_outputs):  # a backward run inside an autocast region (the CPU's engine thread)
+            grads = kernel.backward(saved, grad_outputs)
         full: list = [None] * ctx.input_count
         for index, grad in zip(spec.differentiable_inputs, grads):
             full[index] = grad

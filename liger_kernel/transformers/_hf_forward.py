@@ -86,11 +86,18 @@ def fused_loss(
     hidden = kept.reshape(-1, kept.shape[-1])
 
     def lm_head_loss(hidden: torch.Tensor, targets: torch.Tensor) -> tuple:
+        weight, bias = lm_head.weight, lm_head.bias
+        if torch.is_autocast_enabled(hidden.device.type):
+            # Mixed precision: the unpatched ``lm_head(hidden)`` is a linear, which autocast runs in its low dtype;
+            # our operators compute in their inputs' dtypes (autocast is off inside them), so cast as autocast would.
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         result = liger_fused_linear_cross_entropy(
             hidden,
-            lm_head.weight,
+            weight,
             targets,
-            bias=lm_head.bias,
+            bias=bias,
             ignore_index=ignore_index,
             reduction="mean" if num_items_in_batch is None else "sum",
             softcap=softcap,

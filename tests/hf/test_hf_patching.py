@@ -4,6 +4,7 @@ reference backend, for the eight supported model types, patched at class level a
 import copy
 import importlib
 import inspect
+import os
 
 import pytest
 import torch
@@ -331,3 +332,41 @@ def test_bad_arguments():
         apply_liger_kernel_to_llama(model=tiny_model("gemma"))
     with pytest.warns(UserWarning, match="ignoring the keyword argument.*layer_norm"):
         apply_liger_kernel_to_llama(layer_norm=True, rope=False, rms_norm=False, swiglu=False)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_mixed_precision_training_step_matches_the_unpatched_model(backend, monkeypatch):
+    """An fp32 model in a bf16 autocast region (transformers' Trainer with ``bf16=True``): the patched model's loss
+    and gradients agree with the unpatched model's within bf16 rounding, and the fused loss gets the lm head's
+    operands in bf16, as autocast gives ``lm_head(hidden)`` in the unpatched model."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 or a CUDA GPU")
+    monkeypatch.setenv("LIGER_KERNEL_BACKEND", backend)
+    from liger_kernel.transformers import _hf_forward
+
+    seen = []
+    fused = _hf_forward.liger_fused_linear_cross_entropy
+
+    def recording(hidden, weight, *args, **kwargs):
+        seen.append((hidden.dtype, weight.dtype))
+        return fused(hidden, weight, *args, **kwargs)
+
+    monkeypatch.setattr(_hf_forward, "liger_fused_linear_cross_entropy", recording)
+    reference = tiny_model("llama")
+    patched = patched_copy(reference, "instance")
+    input_ids, labels = batch()
+    losses = []
+    for model in (reference, patched):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        losses.append(loss.float())
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=2e-3, atol=1e-3)
+    # bf16 products round differently on the two sides: compare each gradient against its own scale
+    patched_grads = dict(patched.named_parameters())
+    for name, parameter in reference.named_parameters():
+        expected, got = parameter.grad, patched_grads[name].grad
+        assert got is not None and got.dtype == expected.dtype == torch.float32, name
+        error = (got - expected).abs().max()
+        assert error <= 2e-2 * expected.abs().max(), f"{name}: error {float(error):.3g}"
