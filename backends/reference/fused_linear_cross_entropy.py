@@ -132,6 +132,7 @@ def _forward_pass(x, weight, target, bias, ce_weight, attrs: dict, want: tuple) 
         if any(want):
             chunk_coefficient = ce_coefficient if scale is None else ce_coefficient * scale
             _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, chunk_coefficient, z_coefficient, grads, start, acc)
+        del z, rows  # before the next chunk's logits exist: one chunk at a time
     return finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attrs), grads
 
 
@@ -220,6 +221,7 @@ def backward(saved: tuple, grad_outputs: tuple) -> tuple:
         upstream = grad_loss[start : start + step].to(wide)
         ce_coefficient = upstream if scale is None else upstream * scale
         _accumulate(z, rows, x_chunk, weight, ce_weight, attrs, ce_coefficient, upstream, grads, start, acc)
+        del z, rows  # one chunk at a time, as in the forward
     dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
     return tuple(None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, dtypes))
 

@@ -63,6 +63,8 @@ def _forward_tensors(
                 grad_x[start : start + x_chunk.shape[0]] = grad_logits.to(student_weight.dtype) @ student_weight
             if want_w:
                 grad_weight.addmm_(grad_logits.to(acc).t(), x_chunk.to(acc))
+            del grad_log_q, grad_logits
+        del log_q, teacher_logits, log_p  # before the next chunk's logits exist: one chunk at a time
 
     loss = jsd.mean_over_labelled(torch.cat(losses), counted).to(student_input.dtype)
     return loss, grad_x, grad_weight

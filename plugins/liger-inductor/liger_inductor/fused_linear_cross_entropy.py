@@ -83,6 +83,7 @@ def _passes(x, weight, bias, target, ce_weight, attrs, want, ce_coefficient, z_c
             grad_weight.addmm_(grad_logits.t(), x_chunk.to(acc))
         if grad_bias is not None:
             grad_bias.add_(chunk_grad_bias)
+        del chunk_grad_x, grad_logits, chunk_grad_bias  # before the next chunk's exist: one chunk at a time
     return ce_rows, z_rows, argmaxes, (grad_x, grad_weight, grad_bias)
 
 

@@ -79,6 +79,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
             grad_x[start:stop] = chunk_grad_x
         if want_w:
             grad_weight.addmm_(grad_logits.t(), x_chunk.to(acc))
+        del chunk_grad_x, grad_logits  # before the next chunk's exist: one chunk at a time
 
     loss = jsd.mean_over_labelled(torch.cat(losses), counted).to(student_input.dtype)
     if not needs_grad:
