@@ -65,6 +65,7 @@ def _token_pass(x: torch.Tensor, weight: torch.Tensor, bias, gathers: list[torch
         row_sum.append(z.sum(-1))
         for out, classes in zip(picked, gathers):
             out.append(z.gather(1, classes[start:stop].unsqueeze(1)).squeeze(1))
+        del z  # before the next tile's logits exist: one tile at a time
     return torch.cat(lse), torch.cat(row_sum), [torch.cat(p) for p in picked]
 
 
@@ -317,6 +318,7 @@ def _gradient_pass(
         grad_w.addmm_(dz.to(gemm).T, x2d[tile].to(gemm))
         if grad_b is not None:
             grad_b += tile_grad_b
+        del dz, tile_grad_b  # before the next tile's exist: one tile of logits at a time
     return grad_x.view(x.shape), grad_w.to(weight.dtype), grad_b.to(bias.dtype) if grad_b is not None else None
 
 

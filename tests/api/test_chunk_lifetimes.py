@@ -87,3 +87,52 @@ def test_fused_linear_jsd_holds_one_chunk(small_chunks, monkeypatch):
     ).backward()
     assert len(recorded) > 1 and len(alive_at_product) == 2 * len(recorded)
     assert alive_at_product == [0] * len(alive_at_product)
+
+
+def test_preference_gradient_pass_holds_one_tile():
+    """The reference preference losses' second pass (also the inductor plugin's, with its compiled tile)."""
+    from liger_backends.reference import preference
+
+    watch = ChunkWatch(preference._gradient_tile, pick=lambda result: result[1])  # d loss / d logits of the tile
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, HIDDEN, generator=generator)
+    weight = torch.randn(VOCAB, HIDDEN, generator=generator) / 3
+    rows = 2 * 11
+    lse = torch.logsumexp(x.reshape(rows, HIDDEN) @ weight.T, dim=-1)
+    safe = torch.randint(0, VOCAB, (rows,), generator=generator)
+    coef = torch.randn(rows, generator=generator)
+    preference._gradient_pass(x, weight, None, lse, safe, coef, coef.clone(), None, None, watch, lambda rows, vocab: 5)
+    assert len(watch.alive_at_call) == 5  # 22 rows in tiles of 5
+    assert watch.alive_at_call == [0] * 5
+
+
+def test_preference_token_pass_holds_one_tile(monkeypatch):
+    """The reference preference losses' first pass: at every tile's product (aten.mm), no earlier tile's logits (what
+    logsumexp was given) are alive."""
+    from liger_backends.reference import preference
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Watch(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.refs: list[weakref.ref] = []
+            self.alive_at_product: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.mm.default:
+                gc.collect()
+                self.alive_at_product.append(sum(ref() is not None for ref in self.refs))
+            if func is torch.ops.aten.logsumexp.default:
+                self.refs.append(weakref.ref(args[0]))
+            return func(*args, **(kwargs or {}))
+
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 11, HIDDEN, generator=generator)
+    weight = torch.randn(VOCAB, HIDDEN, generator=generator) / 3
+    gathers = [torch.randint(0, VOCAB, (22,), generator=generator)]
+    monkeypatch.setattr(preference, "rows_per_tile", lambda vocab: 5)
+    watch = Watch()
+    with watch:
+        preference._token_pass(x, weight, None, gathers, torch.float32)
+    assert len(watch.refs) == 5 and len(watch.alive_at_product) == 5  # 22 rows in tiles of 5
+    assert watch.alive_at_product == [0] * 5
