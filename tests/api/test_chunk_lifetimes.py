@@ -17,6 +17,12 @@ import liger_core
 ROWS, HIDDEN, VOCAB = 23, 9, 31
 
 
+def alive(refs: list[weakref.ref]) -> int:
+    """How many of the weakly referenced tensors still exist (after a collection, so only true references count)."""
+    gc.collect()
+    return sum(ref() is not None for ref in refs)
+
+
 class ChunkWatch:
     """Wraps a function that returns a chunk's logits (first of its results, or the result): records a weak
     reference to each, and counts the calls at which an earlier chunk's logits were still alive."""
@@ -27,8 +33,7 @@ class ChunkWatch:
         self.refs: list[weakref.ref] = []
 
     def __call__(self, *args, **kwargs):
-        gc.collect()
-        self.alive_at_call.append(sum(ref() is not None for ref in self.refs))
+        self.alive_at_call.append(alive(self.refs))
         result = self.function(*args, **kwargs)
         self.refs.append(weakref.ref(self.pick(result)))
         return result
@@ -74,8 +79,7 @@ def test_fused_linear_jsd_holds_one_chunk(small_chunks, monkeypatch):
         return jsd_rows(log_q, log_p, beta)
 
     def checking_linear(*args, **kwargs):
-        gc.collect()
-        alive_at_product.append(sum(ref() is not None for ref in recorded))
+        alive_at_product.append(alive(recorded))
         return linear(*args, **kwargs)
 
     monkeypatch.setattr(reference_fljsd.jsd, "jsd_rows", recording_jsd_rows)
@@ -120,8 +124,7 @@ def test_preference_token_pass_holds_one_tile(monkeypatch):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten.mm.default:
-                gc.collect()
-                self.alive_at_product.append(sum(ref() is not None for ref in self.refs))
+                self.alive_at_product.append(alive(self.refs))
             if func is torch.ops.aten.logsumexp.default:
                 self.refs.append(weakref.ref(args[0]))
             return func(*args, **(kwargs or {}))
