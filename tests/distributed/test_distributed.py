@@ -106,17 +106,29 @@ def dtensor_results(tmp_path_factory):
     return run_world("dtensor", WORLD, directory, environment, timeout=TIMEOUT)
 
 
-@pytest.mark.parametrize("placement", ["S(0)", "R"])
-@pytest.mark.parametrize("call", ["ce_module", "ce_functional", "jsd_module", "jsd_functional", "cpo_module"])
+CALLS = ["ce_module", "ce_functional", "jsd_module", "jsd_functional", "cpo_module"]
+PLACEMENTS = ["S(0)", "R"]
+
+
+def _check_dtensor_case(result: dict, call: str, placement: str, rtol: float, atol: float) -> None:
+    """One rank's result of one fused-linear call with a DTensor weight against plain PyTorch on full tensors."""
+    case = result[(call, placement)]
+    got, (loss, weight_grad, x_grad) = case["got"], case["want"]
+    what = f"{call} {placement}"
+    torch.testing.assert_close(got["loss"], loss, rtol=rtol, atol=atol, msg=lambda m: f"{what} loss: {m}")
+    torch.testing.assert_close(got["x_grad"], x_grad, rtol=rtol, atol=atol, msg=lambda m: f"{what} x grad: {m}")
+    # the weight's gradient: a DTensor with the weight's placement, the ranks' gradients averaged
+    torch.testing.assert_close(
+        got["weight_grad"], weight_grad, rtol=rtol, atol=atol, msg=lambda m: f"{what} weight grad: {m}"
+    )
+    assert got["grad_placements"] == (placement,), (what, got["grad_placements"])
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("call", CALLS)
 def test_fused_linear_losses_take_dtensor_weights(dtensor_results, call, placement):
-    for rank, result in enumerate(dtensor_results):
-        case = result[(call, placement)]
-        got, (loss, weight_grad, x_grad) = case["got"], case["want"]
-        torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got["x_grad"], x_grad, rtol=1e-5, atol=1e-6)
-        # the weight's gradient: a DTensor with the weight's placement, the ranks' gradients averaged
-        torch.testing.assert_close(got["weight_grad"], weight_grad, rtol=1e-5, atol=1e-6)
-        assert got["grad_placements"] == (placement,), (rank, got["grad_placements"])
+    for result in dtensor_results:
+        _check_dtensor_case(result, call, placement, rtol=1e-5, atol=1e-6)
         assert result["backends"] == ["reference"]
 
 
@@ -196,17 +208,18 @@ def test_patched_forward_reads_the_lm_head_weight_inside_its_call(monkeypatch):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
 @pytest.mark.parametrize("scenario", ["train", "dtensor"])
 def test_nccl_two_gpus(scenario, tmp_path):
-    environment = child_environment(LIGER_KERNEL_CACHE_DIR=str(tmp_path / "cache"), NCCL_NVLS_ENABLE="0")
+    # the Triton kernels forced, so that the GPU kernels (not the reference) are what the ranks run
+    environment = child_environment(
+        LIGER_KERNEL_CACHE_DIR=str(tmp_path / "cache"), LIGER_KERNEL_BACKEND="triton", NCCL_NVLS_ENABLE="0"
+    )
     results = run_world(scenario, WORLD, tmp_path, environment, backend="nccl", timeout=300)
+    for result in results:
+        assert result["backends"] == ["triton"], result["backends"]
     if scenario == "dtensor":
         for result in results:
-            for key, case in result.items():
-                if key == "backends":
-                    continue
-                loss, weight_grad, x_grad = case["want"]
-                torch.testing.assert_close(case["got"]["loss"], loss, rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(case["got"]["weight_grad"], weight_grad, rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(case["got"]["x_grad"], x_grad, rtol=1e-4, atol=1e-5)
+            for call in CALLS:
+                for placement in PLACEMENTS:
+                    _check_dtensor_case(result, call, placement, rtol=1e-4, atol=1e-5)
         return
     single = results[0]["single"]
     torch.testing.assert_close(single["losses"], results[1]["single"]["losses"], rtol=1e-3, atol=1e-4)
