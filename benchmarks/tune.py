@@ -168,33 +168,30 @@ def fused_linear_jsd():
 def int2():
     from liger_backends.triton import int2_matmul as module
 
+    large = [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 256, 64, 8, 3),
+             (256, 128, 32, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+             (64, 256, 64, 4, 4), (256, 256, 32, 8, 3), (128, 256, 64, 8, 4), (256, 128, 64, 8, 4)]  # fmt: skip
+    decode = [(16, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 256, 4, 3), (16, 256, 128, 4, 3),
+              (16, 64, 256, 4, 4), (16, 128, 64, 4, 4), (16, 256, 64, 4, 4), (16, 64, 64, 4, 4)]  # fmt: skip
     rows = []
-    for m, k, n, configs in (
-        (8192, 4096, 4096, [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (128, 256, 64, 8, 3),
-                            (256, 128, 32, 8, 3), (128, 128, 64, 4, 4), (128, 256, 32, 8, 4), (64, 256, 64, 4, 4),
-                            (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]),
-        (1, 8192, 8192, [(16, 128, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 256, 4, 3), (16, 256, 128, 4, 3),
-                         (16, 64, 256, 4, 4), (16, 32, 256, 2, 4), (16, 128, 64, 4, 4)]),
-    ):  # fmt: skip
+    for m, k, n, configs in ((8192, 4096, 4096, large), (1, 8192, 8192, decode), (16, 8192, 8192, decode)):
         a = torch.randint(-128, 128, (m, k), device="cuda", dtype=torch.int8)
         b = torch.randint(0, 256, (k // 4, n), device="cuda", dtype=torch.uint8)
         expected = module.int2_matmul(a, b)
-        for bm, bn, bk, warps, stages in configs:
+        name = f"int2 M {m} K {k} N {n}"
+        for (bm, bn, bk, warps, stages), weights_left in itertools.product(configs, (False, True)):
             tiles = -(-m // bm) * -(-n // bn)
-            splits = module.split_k(tiles, k // 4, bk, 132)
-
-            call = functools.partial(module.int2_matmul_tiled, a, b, bm, bn, bk, splits, warps, stages)
-
-            row = {"kernel": f"int2 M {m} K {k} N {n}", "tile": [bm, bn, bk, warps, stages], "splits": splits}
+            splits = module.split_k(tiles, k // 4, bk, module.SPLIT_K_PROGRAMS_PER_SM * 132)
+            call = functools.partial(module.int2_matmul_tiled, a, b, bm, bn, bk, splits, warps, stages, weights_left)
+            row = {"kernel": name, "tile": [bm, bn, bk, warps, stages], "weights_left": weights_left, "splits": splits}
             try:
                 assert torch.equal(call(), expected), "wrong result"
                 row["ms"] = float(do_bench(call, warmup=50, rep=300, return_mode="median"))
             except Exception as error:
                 row["error"] = str(error)[:200]
             rows.append(row)
-        print(f"\nint2 M {m} K {k} N {n} (current tile {module.tile(m)})")
-        for row in sorted((r for r in rows if r["kernel"].endswith(f"N {n}") and str(m) in r["kernel"]),
-                          key=lambda r: r.get("ms", 1e9)):  # fmt: skip
+        print(f"\n{name} (current tile {module.tile(m)})")
+        for row in sorted((r for r in rows if r["kernel"] == name), key=lambda r: r.get("ms", 1e9)):
             print("  ", json.dumps(row))
     return rows
 

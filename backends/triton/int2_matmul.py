@@ -52,11 +52,16 @@ def int2_matmul_kernel(
     M, N, K4, k_span,
     stride_am, stride_ak, stride_plane, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
 ):  # fmt: skip
     """Program (t, s) computes output tile t over packed rows ``s·k_span .. (s+1)·k_span`` (all of K/4 when
     SPLIT_K == 1). k_span is a multiple of BLOCK_K; EVEN_K: K/4 is one too, so no packed row is ever out of range.
-    stride_plane = K/4 · stride_ak: from one code plane's slice of `a` to the next."""
+    stride_plane = K/4 · stride_ak: from one code plane's slice of `a` to the next.
+
+    WEIGHTS_LEFT computes the transposed tile, ``wᵀ @ aᵀ``, and transposes it back before the store. Hopper's wgmma
+    takes its left operand from registers but its right one only from shared memory: with the unpacked weights on
+    the left they go to the tensor cores from the registers they were unpacked in, and the int8 activations, K-major
+    as int8 wgmma wants both operands, are the shared-memory operand."""
     # Output tiles in groups of GROUP tile rows, column-major within a group: neighbouring programs share weights.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -78,7 +83,10 @@ def int2_matmul_kernel(
     a_ptrs = A + rows.to(tl.int64)[:, None] * stride_am + (k_start + ks).to(tl.int64)[None, :] * stride_ak
     b_ptrs = B + (k_start + ks).to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if WEIGHTS_LEFT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k in range(k_start, k_stop, BLOCK_K):
         if EVEN_K:
             a_mask = row_mask[:, None]
@@ -91,9 +99,14 @@ def int2_matmul_kernel(
             # Rows past K/4 hold code 0 (weight -1) here, but their `a` columns load as 0.
             w = ((packed >> (2 * i)) & 3).to(tl.int8) - 1
             a = tl.load(a_ptrs + i * stride_plane, mask=a_mask, other=0)
-            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            if WEIGHTS_LEFT:
+                acc = tl.dot(tl.trans(w), tl.trans(a), acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if WEIGHTS_LEFT:
+        acc = tl.trans(acc)
 
     c_ptrs = C + rows.to(tl.int64)[:, None] * stride_cm + cols.to(tl.int64)[None, :] * stride_cn
     c_mask = row_mask[:, None] & col_mask[None, :]
@@ -137,8 +150,10 @@ def int2_matmul_tiled(
     splits: int = 1,
     num_warps: int = 4,
     num_stages: int = 3,
+    weights_left: bool = False,
 ) -> torch.Tensor:
-    """``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most `splits` K splits."""
+    """``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most `splits` K splits;
+    `weights_left`: the kernel's WEIGHTS_LEFT."""
     m, k = a.shape
     n = b.shape[1]
     k4 = k // CODES_PER_BYTE
@@ -158,7 +173,7 @@ def int2_matmul_tiled(
         m, n, k4, k_span,
         a.stride(0), a.stride(1), k4 * a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M,
-        SPLIT_K=splits, EVEN_K=k4 % block_k == 0,
+        SPLIT_K=splits, EVEN_K=k4 % block_k == 0, WEIGHTS_LEFT=weights_left,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return c
