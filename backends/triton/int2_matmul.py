@@ -12,13 +12,13 @@ K = 2^24 (where the reference, like ``a.int() @ w.int()``, would wrap too).
 
 Tiling, chosen on the host from M alone (`tile`):
 
-- decode (M <= 16): BLOCK_M = 16 (the smallest tensor-core tile), wide BLOCK_N and long BLOCK_K, since reading the
-  packed weights is the whole cost. When the output tiles are too few to occupy every SM, K is split among
+- decode (M <= 16): BLOCK_M = 16 (the smallest tensor-core tile), long BLOCK_K, since reading the packed weights
+  is the whole cost. When the output tiles are too few to occupy every SM, K is split among
   programs (`split_k`) that add their int32 partials with atomics into a zeroed output: integer addition is
   associative, so the result is the same whatever the order (deterministic, unlike a float split-K).
-- medium (M <= 64): 64 x 128 tiles.
-- large: 128 x 128 output tiles, 64 packed rows (256 weight rows) per step, programs grouped along M so that a
-  group's weight tiles stay in L2.
+- medium (M <= 64): 64 x 128 tiles, weights on the left (see the kernel's WEIGHTS_LEFT).
+- large: 256 x 128 output tiles, 64 packed rows (256 weight rows) per step, weights on the left, programs grouped
+  along M so that a group's weight tiles stay in L2.
 
 Every edge is masked (M, N, and K/4 not multiples of the blocks); when K/4 is a multiple of BLOCK_K the K mask is
 compiled out. Any strides are accepted (the pointers carry them), so nothing is copied.
@@ -119,14 +119,16 @@ def int2_matmul_kernel(
 # -- launch heuristics ---------------------------------------------------------------------------------------------
 
 
-def tile(m: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K in packed rows, num_warps, num_stages) for M rows of `a`. Not yet tuned on a GPU:
-    starting points from the tensor-core shapes (int8 wgmma is 64 x N x 32) and the shared memory of an H200."""
+def tile(m: int) -> tuple[int, int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K in packed rows, num_warps, num_stages, weights_left) for M rows of `a`, from
+    `benchmarks/tune.py --only int2` on an H200 (2026-11-29-h200-s6-tune-int2.json): at M 8192, K = N = 4096 the
+    weights-left 256 x 128 x 64 tiling takes 0.49 ms, 3.2 times less than the weights-right 128 x 128 x 64 one (1.58);
+    at M 1 and 16 (K = N = 8192) the weights stay on the right, 64 columns wide: 0.030 ms against 0.035 for 128."""
     if m <= 16:
-        return 16, 128, 128, 4, 4
+        return 16, 64, 128, 4, 4, False
     if m <= 64:
-        return 64, 128, 64, 4, 4
-    return 128, 128, 64, 8, 3
+        return 64, 128, 64, 4, 4, True
+    return 256, 128, 64, 8, 3, True
 
 
 def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
@@ -183,11 +185,11 @@ def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a`` int8 (M, K) times the ternary weights packed in ``b`` uint8 (K/4, N): int32 (M, N), tiled by `tile`."""
     m, k = a.shape
     n = b.shape[1]
-    block_m, block_n, block_k, num_warps, num_stages = tile(m)
+    block_m, block_n, block_k, num_warps, num_stages, weights_left = tile(m)
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     programs = SPLIT_K_PROGRAMS_PER_SM * sm_count(a.device)
     splits = split_k(tiles, k // CODES_PER_BYTE, block_k, programs)
-    return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages)
+    return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages, weights_left)
 
 
 int2_matmul_op = launcher_op("int2_matmul", int2_matmul)

@@ -129,7 +129,8 @@ def test_empty(device, m, k, n):
 
 def test_heuristics(kernel_module):
     assert kernel_module.tile(1)[0] == 16 and kernel_module.tile(16)[0] == 16
-    assert kernel_module.tile(17)[0] == 64 and kernel_module.tile(8192)[:3] == (128, 128, 64)
+    assert kernel_module.tile(17)[0] == 64 and kernel_module.tile(8192)[:3] == (256, 128, 64)
+    assert kernel_module.tile(8192)[5] and not kernel_module.tile(1)[5]  # weights on the left past decode
     # Decode on a 132-SM GPU: 64 output tiles of M=1, K=N=8192 are split along K; large M is not.
     assert kernel_module.split_k(64, 2048, 128, 264) > 1
     assert kernel_module.split_k(2048, 1024, 64, 264) == 1
