@@ -94,19 +94,20 @@ def test_every_byte(device):
 
 @pytest.mark.parametrize("weights_left", (False, True))
 @pytest.mark.parametrize("splits", (1, 3))
-@pytest.mark.parametrize("m, k, n", ((40, 4 * 37, 50), (33, 4 * 32, 17), (16, 4 * 64, 48)))
+@pytest.mark.parametrize("m, k, n", ((40, 4 * 70, 50), (33, 4 * 64, 17), (16, 4 * 96, 48)))
 def test_many_tiles(kernel_module, device, m, k, n, splits, weights_left):
-    """16 x 16 x 16 tiles: several along M, N and K/4, partial edge tiles, K/4 a multiple of BLOCK_K or not; the
-    product computed as a @ w and as (wᵀ @ aᵀ)ᵀ."""
+    """16 x 16 tiles, 32 packed rows per step (int8 tensor-core products need K >= 32 on a GPU): several tiles along
+    M, N and K/4, partial edge tiles, K/4 a multiple of BLOCK_K or not; the product computed as a @ w and as
+    (wᵀ @ aᵀ)ᵀ."""
     a, b = make(m, k, n, device, seed=splits)
-    check(a, b, kernel_module.int2_matmul_tiled(a, b, 16, 16, 16, splits, weights_left=weights_left))
+    check(a, b, kernel_module.int2_matmul_tiled(a, b, 16, 16, 32, splits, weights_left=weights_left))
 
 
 def test_weights_left_with_uneven_tiles(kernel_module, device):
     """The transposed product with tiles of different sides (a wrong transposition shows as a wrong shape or a
     wrong value), strided inputs."""
-    a, b = make(37, 4 * 40, 45, device, seed=11)
-    check(a, b, kernel_module.int2_matmul_tiled(a, b, 16, 32, 16, 1, weights_left=True))
+    a, b = make(37, 4 * 80, 45, device, seed=11)
+    check(a, b, kernel_module.int2_matmul_tiled(a, b, 16, 32, 32, 1, weights_left=True))
     check(a[::2], b[:, 1::2], kernel_module.int2_matmul_tiled(a[::2], b[:, 1::2], 32, 16, 32, 2, weights_left=True))
 
 
