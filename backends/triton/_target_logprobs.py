@@ -32,7 +32,7 @@ import triton.language as tl
 
 from . import fused_linear_cross_entropy as flce
 from .cross_entropy import ROW_WARPS, row_block
-from .fused_linear_cross_entropy import _accumulate_weight_gradient
+from .fused_linear_cross_entropy import accumulate_weight_gradient
 from .rms_norm import _launch, cast_to, launcher_op
 
 # Most bytes one chunk's logits (in the input dtype) may take, per device type: fused_linear_cross_entropy's budget,
@@ -205,7 +205,7 @@ def target_logprobs_backward(
             if want_x:
                 torch.mm(dlogits, weight, out=grad_x[start:end])
             if want_weight:
-                _accumulate_weight_gradient(grad_weight, dlogits, x_chunk, first=start == 0)
+                accumulate_weight_gradient(grad_weight, dlogits, x_chunk, first=start == 0)
             if want_bias:
                 grad_bias += dlogits.sum(0, dtype=torch.float32)
     return grad_x, grad_weight, grad_bias.to(bias.dtype) if want_bias else grad_bias

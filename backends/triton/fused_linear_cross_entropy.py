@@ -21,7 +21,9 @@ fp32; dlogits are rounded once to the input dtype (they feed the GEMMs in that d
 grad_W: by default it is accumulated over chunks in the weight's dtype (each chunk's product is added by one addmm,
 one rounding per chunk): the weight gradient is the one (V, H) buffer, 1 GB at Llama-3 shapes in bf16, with no fp32
 copy beside it. ``accum_dtype=torch.float32`` (or any wider dtype) accumulates it in that dtype instead, at the cost
-of a (V, H) fp32 buffer and GEMMs on upcast operands; it is cast to the weight's dtype in the backward. grad_b is
+of a (V, H) fp32 buffer; on the GPU with torch >= 2.10 each chunk's GEMM still reads bf16/fp16 operands and adds its
+fp32 result into that buffer (``addmm(out_dtype=torch.float32)``), elsewhere the operands are upcast first. It is
+cast to the weight's dtype in the backward. grad_b is
 always accumulated in fp32 (V values). grad_x is written per chunk in the input dtype.
 
 Chunk size: CHUNK_BYTES bounds one chunk's logits in the input dtype (see ``chunk_rows``): the chunk buffer is the
@@ -34,6 +36,8 @@ detached, computed by the row kernel from the same log-sum-exp.
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.torch_version import TorchVersion
 
 from liger_core.spec import KernelSpec
 
@@ -79,14 +83,41 @@ def weight_accumulation_dtype(weight_dtype: torch.dtype, accum_dtype: torch.dtyp
     return weight_dtype if accum_dtype is None else torch.promote_types(weight_dtype, accum_dtype)
 
 
-def _accumulate_weight_gradient(grad_weight: torch.Tensor, dlogits: torch.Tensor, x_chunk: torch.Tensor, first: bool):
-    """grad_weight (+)= dlogits.T @ x_chunk, in grad_weight's dtype."""
-    if grad_weight.dtype != dlogits.dtype:
-        dlogits, x_chunk = dlogits.to(grad_weight.dtype), x_chunk.to(grad_weight.dtype)
+# Whether this torch's CUDA addmm adds a bf16/fp16 product into an fp32 tensor (out_dtype with an fp32 `self`: torch
+# >= 2.10). Set to False for the process if it turns out not to; no probe, so nothing synchronises or breaks a capture.
+_ADDMM_OUT_DTYPE = {"works": TorchVersion(torch.__version__) >= (2, 10)}
+
+
+def accumulate_weight_gradient(
+    grad_weight: torch.Tensor, dlogits: torch.Tensor, x_chunk: torch.Tensor, first: bool = False
+) -> None:
+    """``grad_weight += dlogits.T @ x_chunk`` with grad_weight (V, H) in its own (accumulation) dtype. `first`: the
+    chunk loop's first chunk, grad_weight still uninitialised (``torch.empty``), so the product is written, not added:
+    no (V, H) memset before the loop."""
+    acc = grad_weight.dtype
+    if dlogits.dtype == acc and x_chunk.dtype == acc:
+        if first:
+            torch.mm(dlogits.t(), x_chunk, out=grad_weight)
+        else:
+            grad_weight.addmm_(dlogits.t(), x_chunk)
+        return
     if first:
-        torch.mm(dlogits.t(), x_chunk, out=grad_weight)
-    else:
-        grad_weight.addmm_(dlogits.t(), x_chunk)
+        grad_weight.zero_()
+    if not (dlogits.is_cuda and acc == torch.float32 and dlogits.dtype == x_chunk.dtype):
+        grad_weight.addmm_(dlogits.t().to(acc), x_chunk.to(acc))
+        return
+    # Under fake tensors (the launcher run to learn its outputs' shapes) torch 2.11's addmm decomposition mistakes
+    # out_dtype for beta and raises, so the fake run takes the plain path below: same shapes, no data.
+    if _ADDMM_OUT_DTYPE["works"] and not isinstance(grad_weight, FakeTensor):
+        try:
+            torch.addmm(grad_weight, dlogits.t(), x_chunk, out_dtype=torch.float32, out=grad_weight)
+            return
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:  # rejected by its argument checks, before any work
+            _ADDMM_OUT_DTYPE["works"] = False
+    # The GEMM at the inputs' rate, its (V, H) result rounded once to their dtype before the fp32 sum.
+    grad_weight.add_(dlogits.t() @ x_chunk)
 
 
 def _chunk_loop(
@@ -124,7 +155,7 @@ def _chunk_loop(
         if grad_x is not None:
             torch.mm(dlogits, weight, out=grad_x[start:end])
         if grad_weight is not None:
-            _accumulate_weight_gradient(grad_weight, dlogits, x_chunk, first=start == 0)
+            accumulate_weight_gradient(grad_weight, dlogits, x_chunk, first=start == 0)
         if grad_bias is not None:
             grad_bias += dlogits.sum(0, dtype=torch.float32)
     return grad_x, grad_weight, grad_bias

@@ -28,13 +28,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.torch_version import TorchVersion
 
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_by_gradient
-from .fused_linear_cross_entropy import chunk_buffer, chunk_logits, weight_accumulation_dtype
+from .fused_linear_cross_entropy import (
+    accumulate_weight_gradient,
+    chunk_buffer,
+    chunk_logits,
+    weight_accumulation_dtype,
+)
 from .jsd import INDEX_DTYPES, beta_logs, counted_rows, jsd_terms, mode_of
 from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2
 
@@ -132,34 +135,6 @@ def chunk_rows(n_rows: int, vocab: int, student_itemsize: int, teacher_itemsize:
     return max(1, min(rows, max(n_rows, 1)))
 
 
-# Whether this torch's CUDA addmm adds a bf16/fp16 product into an fp32 tensor (out_dtype with an fp32 `self`: torch
-# >= 2.10). Set to False for the process if it turns out not to; no probe, so nothing synchronises or breaks a capture.
-_ADDMM_OUT_DTYPE = {"works": TorchVersion(torch.__version__) >= (2, 10)}
-
-
-def accumulate_weight_gradient(grad_weight: torch.Tensor, dlogits: torch.Tensor, x_chunk: torch.Tensor) -> None:
-    """``grad_weight += dlogits.T @ x_chunk`` with grad_weight (V, H) in its own (accumulation) dtype."""
-    acc = grad_weight.dtype
-    if dlogits.dtype == acc and x_chunk.dtype == acc:
-        grad_weight.addmm_(dlogits.t(), x_chunk)
-        return
-    if not (dlogits.is_cuda and acc == torch.float32 and dlogits.dtype == x_chunk.dtype):
-        grad_weight.addmm_(dlogits.t().to(acc), x_chunk.to(acc))
-        return
-    # Under fake tensors (the launcher run to learn its outputs' shapes) torch 2.11's addmm decomposition mistakes
-    # out_dtype for beta and raises, so the fake run takes the plain path below: same shapes, no data.
-    if _ADDMM_OUT_DTYPE["works"] and not isinstance(grad_weight, FakeTensor):
-        try:
-            torch.addmm(grad_weight, dlogits.t(), x_chunk, out_dtype=torch.float32, out=grad_weight)
-            return
-        except torch.OutOfMemoryError:
-            raise
-        except RuntimeError:  # rejected by its argument checks, before any work
-            _ADDMM_OUT_DTYPE["works"] = False
-    # The GEMM at the inputs' rate, its (V, H) result rounded once to their dtype before the fp32 sum.
-    grad_weight.add_(dlogits.t() @ x_chunk)
-
-
 def fused_linear_jsd_forward(
     student_input: torch.Tensor,
     student_weight: torch.Tensor,
@@ -183,7 +158,8 @@ def fused_linear_jsd_forward(
         count = (shift_labels != ignore_index).sum().to(torch.float32)
     coef = torch.where(count > 0, 1.0 / torch.clamp(count, min=1.0), torch.zeros_like(count))
     grad_x = torch.empty(student_input.shape if want_x else (0,), dtype=student_input.dtype, device=device)
-    grad_w = torch.zeros(student_weight.shape if want_w else (0,), dtype=accum_dtype, device=device)
+    make = torch.zeros if n_rows == 0 else torch.empty  # the first chunk writes grad_w whole
+    grad_w = make(student_weight.shape if want_w else (0,), dtype=accum_dtype, device=device)
     row_loss = torch.empty((n_rows,), dtype=torch.float32, device=device)
     if n_rows == 0:
         return torch.zeros((), dtype=student_input.dtype, device=device), grad_x, grad_w
@@ -211,7 +187,7 @@ def fused_linear_jsd_forward(
         if want_x:
             torch.matmul(dlogits, student_weight, out=grad_x[start:end])
         if want_w:
-            accumulate_weight_gradient(grad_w, dlogits, x_chunk)
+            accumulate_weight_gradient(grad_w, dlogits, x_chunk, first=start == 0)
     loss = (row_loss.sum() * coef).to(student_input.dtype)
     return loss, grad_x, grad_w
 

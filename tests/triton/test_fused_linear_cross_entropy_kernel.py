@@ -236,3 +236,34 @@ def test_reference_conformance_harness_accepts_the_operator():
     from liger_core.testing import check_conformance
 
     assert check_conformance("fused_linear_cross_entropy", "reference", torch.float32).passed
+
+
+@pytest.mark.parametrize(
+    "operand_dtype, accum_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float32),
+    ],
+)
+def test_weight_gradient_first_chunk_overwrites_an_uninitialised_buffer(
+    kernel_module, device, operand_dtype, accum_dtype
+):
+    """The chunk loops allocate grad_W with torch.empty and let the first chunk write it: whatever the buffer held
+    (NaN here) must not leak into the sum, in every operand / accumulator dtype pairing; later chunks add."""
+    generator = torch.Generator().manual_seed(9)
+    chunks = [
+        (
+            torch.randn(24, 37, generator=generator).to(device, operand_dtype),
+            torch.randn(24, 13, generator=generator).to(device, operand_dtype),
+        )
+        for _ in range(3)
+    ]
+    got = torch.full((37, 13), float("nan"), dtype=accum_dtype, device=device)
+    for index, (dlogits, x) in enumerate(chunks):
+        kernel_module.accumulate_weight_gradient(got, dlogits, x, first=index == 0)
+    want = sum(dlogits.double().t() @ x.double() for dlogits, x in chunks)
+    assert got.dtype == accum_dtype
+    tolerance = 1e-5 if accum_dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=tolerance, atol=tolerance * 10)
