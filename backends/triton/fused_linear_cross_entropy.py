@@ -23,8 +23,8 @@ one rounding per chunk): the weight gradient is the one (V, H) buffer, 1 GB at L
 copy beside it. ``accum_dtype=torch.float32`` (or any wider dtype) accumulates it in that dtype instead, at the cost
 of a (V, H) fp32 buffer; on the GPU with torch >= 2.10 each chunk's GEMM still reads bf16/fp16 operands and adds its
 fp32 result into that buffer (``addmm(out_dtype=torch.float32)``), elsewhere the operands are upcast first. It is
-cast to the weight's dtype in the backward. grad_b is
-always accumulated in fp32 (V values). grad_x is written per chunk in the input dtype.
+cast to the weight's dtype in the backward. grad_b is always accumulated in fp32 (V values). grad_x is written per
+chunk in the input dtype.
 
 Chunk size: CHUNK_BYTES bounds one chunk's logits in the input dtype (see ``chunk_rows``): the chunk buffer is the
 only memory beside the gradients themselves.
