@@ -225,6 +225,21 @@ def training_step(step_model, optimizer, input_ids, labels, losses: list):
     return step
 
 
+def synchronizer(cuda: bool, device, barrier: bool = False):
+    """The wait that brackets timed steps: the device's queue when on a GPU, then every rank when `barrier`."""
+
+    import torch
+    import torch.distributed as dist
+
+    def synchronize():
+        if cuda:
+            torch.cuda.synchronize(device)
+        if barrier:
+            dist.barrier()
+
+    return synchronize
+
+
 def warm_up(step, synchronize, options: dict, result: dict, losses: list, name: str | None) -> None:
     """The untimed steps; the first one's time is recorded (it includes compilation). Logged when `name` is set."""
     for index in range(options["warmup"]):
@@ -283,11 +298,7 @@ def run_variant(options: dict) -> dict:
 
         losses = []
         step = training_step(step_model, optimizer, input_ids, labels, losses)
-
-        def synchronize():
-            if cuda:
-                torch.cuda.synchronize(device)
-
+        synchronize = synchronizer(cuda, device)
         warm_up(step, synchronize, options, result, losses, name)
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -350,7 +361,6 @@ def train_rank(options: dict, rank: int, device) -> dict:
     compiled as a whole if asked; trained on the rank's own batch (seed + rank). The timed steps run between
     barriers, so rank 0's time is the step time of the whole group."""
     import torch
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     cuda = device.type == "cuda"
@@ -369,12 +379,7 @@ def train_rank(options: dict, rank: int, device) -> dict:
 
     losses = []
     step = training_step(step_model, optimizer, input_ids, labels, losses)
-
-    def synchronize():
-        if cuda:
-            torch.cuda.synchronize(device)
-        dist.barrier()
-
+    synchronize = synchronizer(cuda, device, barrier=True)
     name = f"{options['variant']}{' compiled' if options['compiled'] else ''} rank 0" if rank == 0 else None
     warm_up(step, synchronize, options, result, losses, name)
     if cuda:
