@@ -10,15 +10,35 @@ operands accumulating in int32 (the int8 tensor-core rate on Hopper). The weight
 Exactness: every product is an integer with |a·w| <= 128 and the accumulator is int32, so the result is exact up to
 K = 2^24 (where the reference, like ``a.int() @ w.int()``, would wrap too).
 
+Two ways to feed the tensor cores (the kernel's INTERLEAVED):
+
+- plane by plane: each packed tile is unpacked into four (BLOCK_K, BLOCK_N) weight tiles, each multiplying its own
+  slice of ``a``. The tiles are N-contiguous but int8 tensor-core operands must be K-contiguous, so every weight is
+  moved through shared memory byte by byte (measured: ~35 instructions per packed byte at 256 x 128 tiles);
+- interleaved: ``a`` is first copied with its columns reordered, ``a'[m, 4j + i] = a[m, i·K/4 + j]``, so that the four
+  codes of one byte are four consecutive K positions of one column, which is how an int8 operand register holds
+  them. A packed tile then becomes one (4·BLOCK_K, BLOCK_N) weight tile and one product, with ~13 instructions per
+  packed byte (sm_90 SASS of the same tiling). The copy of ``a`` reads and writes M·K bytes once.
+
+On a GPU the unpacking runs on four bytes at once in 32-bit registers (inline PTX: shift, mask, then ``c - 1`` per
+byte as ``(c + 0x7F) ^ 0x80``, which never carries into the next byte); the interpreter, which has no PTX, runs the
+same arithmetic byte by byte.
+
+Decode (M <= GEMV_MAX_M) skips the tensor cores: a program per (column block, K split, row) multiplies each packed
+byte by the four activations it pairs with in one ``dp4a`` (a four-way int8 dot product): the byte's four codes are
+spread into the four bytes of a register by two masked multiplications, the four activations are packed into one
+word per packed row, and the "minus one" of every weight becomes one subtraction of the activations' sum at the end.
+
 Tiling, chosen on the host from M alone (`tile`):
 
-- decode (M <= 16): BLOCK_M = 16 (the smallest tensor-core tile), long BLOCK_K, since reading the packed weights
-  is the whole cost. When the output tiles are too few to occupy every SM, K is split among
-  programs (`split_k`) that add their int32 partials with atomics into a zeroed output: integer addition is
-  associative, so the result is the same whatever the order (deterministic, unlike a float split-K).
-- medium (M <= 64): 64 x 64 tiles, weights on the left (see the kernel's WEIGHTS_LEFT).
-- large: 256 x 128 output tiles, 64 packed rows (256 weight rows) per step, weights on the left, programs grouped
-  along M so that a group's weight tiles stay in L2.
+- decode (M <= GEMV_MAX_M): the dp4a kernel, BLOCK_N columns by BLOCK_K packed rows per step.
+- small (M <= 16): BLOCK_M = 16 (the smallest tensor-core tile), long BLOCK_K, since reading the packed weights
+  is the whole cost.
+- medium (M <= 64) and large: see `tile`.
+
+When the output tiles are too few to occupy every SM, K is split among programs (`split_k`) that add their int32
+partials with atomics into a zeroed output: integer addition is associative, so the result is the same whatever the
+order (deterministic, unlike a float split-K).
 
 Every edge is masked (M, N, and K/4 not multiples of the blocks); when K/4 is a multiple of BLOCK_K the K mask is
 compiled out. Any strides are accepted (the pointers carry them), so nothing is copied.
@@ -35,15 +55,67 @@ import triton.language as tl
 from liger_core.operators.int2_matmul import CODES_PER_BYTE
 from liger_core.spec import KernelSpec
 
-from .rms_norm import _launch, cdiv, launcher_op, sm_count
+from .rms_norm import INTERPRETED, _launch, cdiv, launcher_op, sm_count
 
 GROUP_M = 8  # output-tile rows per L2 group in the large-M tiling
 MIN_K_BLOCKS_PER_SPLIT = 2  # a split-K program walks at least this many BLOCK_K steps
 SPLIT_K_PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 MAX_K = 1 << 24  # past it an int32 sum of K products of magnitude <= 128 could overflow
+GEMV_MAX_M = 4  # rows of `a` up to which the dp4a kernel runs instead of the tensor cores
+GEMV_PROGRAMS_PER_SM = 8  # the dp4a kernel's K splits aim at this many programs per SM (loads in flight)
 
 
-# -- the kernel ----------------------------------------------------------------------------------------------------
+# -- unpacking -----------------------------------------------------------------------------------------------------
+
+# Four bytes per 32-bit register: plane i of each byte, minus one, as four int8. A byte's code c is in {0, 1, 2, 3}, so
+# c + 0x7F is at most 0x82 (no carry into the next byte) and (c + 0x7F) ^ 0x80 is c - 1 in two's complement.
+_PLANES_MINUS_ONE_PTX = tl.constexpr("""{
+.reg .b32 t;
+and.b32 t, $4, 0x03030303; add.u32 t, t, 0x7F7F7F7F; xor.b32 $0, t, 0x80808080;
+shr.b32 t, $4, 2; and.b32 t, t, 0x03030303; add.u32 t, t, 0x7F7F7F7F; xor.b32 $1, t, 0x80808080;
+shr.b32 t, $4, 4; and.b32 t, t, 0x03030303; add.u32 t, t, 0x7F7F7F7F; xor.b32 $2, t, 0x80808080;
+shr.b32 t, $4, 6; and.b32 t, t, 0x03030303; add.u32 t, t, 0x7F7F7F7F; xor.b32 $3, t, 0x80808080;
+}""")
+
+# One packed byte (zero-extended in $1) against four activations packed in $2: its codes spread into the four bytes
+# of a register (fields 0 and 2 by x·(1 + 2^12), fields 1 and 3 by x·(2^6 + 2^18); the two products share only bits
+# 12-14, which the mask drops), then $0 = $3 + the four-way dot product of unsigned codes and signed activations.
+_DP4A_CODES_PTX = tl.constexpr("""{
+.reg .b32 e, o;
+and.b32 e, $1, 0x33; and.b32 o, $1, 0xCC;
+mul.lo.u32 e, e, 0x1001; mad.lo.u32 e, o, 0x40040, e;
+and.b32 e, e, 0x03030303;
+dp4a.u32.s32 $0, e, $2, $3;
+}""")
+
+
+@triton.jit
+def weight_planes(packed):
+    """The four int8 weight tiles (code i minus one, for i = 0..3) of a uint8 tile of packed bytes."""
+    if INTERPRETED:
+        w0 = (packed & 3).to(tl.int8) - 1
+        w1 = ((packed >> 2) & 3).to(tl.int8) - 1
+        w2 = ((packed >> 4) & 3).to(tl.int8) - 1
+        w3 = (packed >> 6).to(tl.int8) - 1
+    else:
+        w0, w1, w2, w3 = tl.inline_asm_elementwise(
+            _PLANES_MINUS_ONE_PTX, "=r,=r,=r,=r,r", [packed],
+            dtype=(tl.int8, tl.int8, tl.int8, tl.int8), is_pure=True, pack=4,
+        )  # fmt: skip
+    return w0, w1, w2, w3
+
+
+# -- the kernels ---------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def accumulate(acc, w, a, WEIGHTS_LEFT: tl.constexpr):
+    """acc + a @ w, or acc + wᵀ @ aᵀ (the transposed tile) when WEIGHTS_LEFT; int32."""
+    if WEIGHTS_LEFT:
+        acc = tl.dot(tl.trans(w), tl.trans(a), acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    return acc
 
 
 @triton.jit
@@ -52,11 +124,12 @@ def int2_matmul_kernel(
     M, N, K4, k_span,
     stride_am, stride_ak, stride_plane, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, INTERLEAVED: tl.constexpr,
 ):  # fmt: skip
     """Program (t, s) computes output tile t over packed rows ``s·k_span .. (s+1)·k_span`` (all of K/4 when
     SPLIT_K == 1). k_span is a multiple of BLOCK_K; EVEN_K: K/4 is one too, so no packed row is ever out of range.
-    stride_plane = K/4 · stride_ak: from one code plane's slice of `a` to the next.
+    stride_plane = K/4 · stride_ak: from one code plane's slice of `a` to the next. INTERLEAVED: `a` is a' (see the
+    module's docstring), and packed row j pairs with its columns 4j .. 4j+3.
 
     WEIGHTS_LEFT computes the transposed tile, ``wᵀ @ aᵀ``, and transposes it back before the store. Hopper's wgmma
     takes its left operand from registers but its right one only from shared memory: with the unpacked weights on
@@ -77,10 +150,14 @@ def int2_matmul_kernel(
     ks = tl.arange(0, BLOCK_K)
     row_mask = rows < M
     col_mask = cols < N
-    # Packed rows of this program; column j of `a` plane i is i·K4 + j.
+    # Packed rows of this program; column j of `a` plane i is i·K4 + j, column 4j + i of a'.
     k_start = tl.program_id(1) * k_span
     k_stop = tl.minimum(k_start + k_span, K4)
-    a_ptrs = A + rows.to(tl.int64)[:, None] * stride_am + (k_start + ks).to(tl.int64)[None, :] * stride_ak
+    if INTERLEAVED:
+        a_cols = 4 * k_start + tl.arange(0, 4 * BLOCK_K)
+    else:
+        a_cols = k_start + ks
+    a_ptrs = A + rows.to(tl.int64)[:, None] * stride_am + a_cols.to(tl.int64)[None, :] * stride_ak
     b_ptrs = B + (k_start + ks).to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
 
     if WEIGHTS_LEFT:
@@ -93,17 +170,26 @@ def int2_matmul_kernel(
             packed = tl.load(b_ptrs, mask=col_mask[None, :], other=0)
         else:
             k_mask = (k + ks) < k_stop
-            a_mask = row_mask[:, None] & k_mask[None, :]
-            packed = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
-        for i in tl.static_range(4):
-            # Rows past K/4 hold code 0 (weight -1) here, but their `a` columns load as 0.
-            w = ((packed >> (2 * i)) & 3).to(tl.int8) - 1
-            a = tl.load(a_ptrs + i * stride_plane, mask=a_mask, other=0)
-            if WEIGHTS_LEFT:
-                acc = tl.dot(tl.trans(w), tl.trans(a), acc, out_dtype=tl.int32)
+            if INTERLEAVED:
+                a_mask = row_mask[:, None] & ((k + tl.arange(0, 4 * BLOCK_K) // 4) < k_stop)[None, :]
             else:
-                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K * stride_ak
+                a_mask = row_mask[:, None] & k_mask[None, :]
+            packed = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
+        # Rows past K/4 hold code 0 (weight -1) here, but their `a` columns load as 0.
+        w0, w1, w2, w3 = weight_planes(packed)
+        if INTERLEAVED:
+            # w[j, n, s, t] = plane 2s + t; as (j, s, t, n) and then (4·BLOCK_K, BLOCK_N), row 4j + i is plane i of
+            # packed row j: the row order of a'.
+            w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
+            w = tl.reshape(tl.permute(w, (0, 2, 3, 1)), (4 * BLOCK_K, BLOCK_N))
+            acc = accumulate(acc, w, tl.load(a_ptrs, mask=a_mask, other=0), WEIGHTS_LEFT)
+            a_ptrs += 4 * BLOCK_K * stride_ak
+        else:
+            acc = accumulate(acc, w0, tl.load(a_ptrs, mask=a_mask, other=0), WEIGHTS_LEFT)
+            acc = accumulate(acc, w1, tl.load(a_ptrs + stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
+            acc = accumulate(acc, w2, tl.load(a_ptrs + 2 * stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
+            acc = accumulate(acc, w3, tl.load(a_ptrs + 3 * stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
+            a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if WEIGHTS_LEFT:
         acc = tl.trans(acc)
@@ -116,20 +202,77 @@ def int2_matmul_kernel(
         tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")
 
 
+@triton.jit
+def int2_gemv_kernel(
+    A, B, C,
+    N, K4, k_span,
+    stride_am, stride_ak, stride_plane, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):  # fmt: skip
+    """Program (t, s, m): row m of `a` times columns t·BLOCK_N .. of the weights, over packed rows
+    ``s·k_span .. (s+1)·k_span``, without tensor cores. Each step multiplies a (BLOCK_K, BLOCK_N) tile of packed bytes
+    by the codes' four activations; the weights are the codes minus one, so the sum of those activations is
+    subtracted once at the end."""
+    pid_n = tl.program_id(0)
+    row = tl.program_id(2).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    k_start = tl.program_id(1) * k_span
+    k_stop = tl.minimum(k_start + k_span, K4)
+    a_ptrs = A + row * stride_am + (k_start + ks).to(tl.int64) * stride_ak
+    b_ptrs = B + (k_start + ks).to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
+
+    products = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
+    a_sums = tl.zeros((BLOCK_K,), dtype=tl.int32)
+    for k in range(k_start, k_stop, BLOCK_K):
+        k_mask = (k + ks) < k_stop
+        # Out-of-range rows load code 0 and activation 0: they add nothing to either sum.
+        packed = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0).to(tl.int32)
+        a0 = tl.load(a_ptrs, mask=k_mask, other=0).to(tl.int32)
+        a1 = tl.load(a_ptrs + stride_plane, mask=k_mask, other=0).to(tl.int32)
+        a2 = tl.load(a_ptrs + 2 * stride_plane, mask=k_mask, other=0).to(tl.int32)
+        a3 = tl.load(a_ptrs + 3 * stride_plane, mask=k_mask, other=0).to(tl.int32)
+        a_sums += a0 + a1 + a2 + a3
+        if INTERPRETED:
+            products += (
+                a0[:, None] * (packed & 3) + a1[:, None] * ((packed >> 2) & 3)
+                + a2[:, None] * ((packed >> 4) & 3) + a3[:, None] * (packed >> 6)
+            )  # fmt: skip
+        else:
+            # Byte i of the word is the activation of code i.
+            a_word = (a0 & 0xFF) | ((a1 & 0xFF) << 8) | ((a2 & 0xFF) << 16) | (a3 << 24)
+            products = tl.inline_asm_elementwise(
+                _DP4A_CODES_PTX, "=r,r,r,r", [packed, tl.broadcast_to(a_word[:, None], (BLOCK_K, BLOCK_N)), products],
+                dtype=tl.int32, is_pure=True, pack=1,
+            )  # fmt: skip
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    out = tl.sum(products, axis=0) - tl.sum(a_sums, axis=0)
+
+    c_ptrs = C + row * stride_cm + cols.to(tl.int64) * stride_cn
+    if SPLIT_K == 1:
+        tl.store(c_ptrs, out, mask=col_mask)
+    else:
+        tl.atomic_add(c_ptrs, out, mask=col_mask, sem="relaxed")
+
+
 # -- launch heuristics ---------------------------------------------------------------------------------------------
 
 
-def tile(m: int) -> tuple[int, int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K in packed rows, num_warps, num_stages, weights_left) for M rows of `a`, from
-    `benchmarks/tune.py --only int2` on an H200 (2026-11-29-h200-s6-tune-int2.json): at M 8192, K = N = 4096 the
-    weights-left 256 x 128 x 64 tiling takes 0.49 ms, 3.2 times less than the weights-right 128 x 128 x 64 one (1.58);
-    at M 64 (K = N = 8192) weights-left 64 x 64 x 64 tiles take 0.052 ms (weights right: 0.082); at M 1 and 16 the
-    weights stay on the right, 64 columns wide: 0.030 ms against 0.035 for 128 (on the left: 0.041-0.044)."""
+def tile(m: int) -> tuple[int, int, int, int, int, bool, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K in packed rows, num_warps, num_stages, weights_left, interleaved) of the
+    tensor-core kernel for M rows of `a`, from `benchmarks/tune.py --only int2` on an H200."""
     if m <= 16:
-        return 16, 64, 128, 4, 4, False
+        return 16, 64, 128, 4, 4, False, True
     if m <= 64:
-        return 64, 64, 64, 4, 4, True
-    return 256, 128, 64, 8, 3, True
+        return 64, 64, 64, 4, 4, False, True
+    return 256, 128, 64, 8, 2, False, True
+
+
+def gemv_tile() -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K in packed rows, num_warps) of the dp4a kernel (M <= GEMV_MAX_M)."""
+    return 256, 16, 4
 
 
 def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
@@ -144,6 +287,28 @@ def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
 # -- launchers ---------------------------------------------------------------------------------------------------
 
 
+def _k_span(k4: int, block_k: int, splits: int) -> tuple[int, int]:
+    """(packed rows per split, a multiple of block_k; the number of splits that have rows), for at most `splits`."""
+    k_blocks = cdiv(k4, block_k)
+    splits = max(1, min(splits, k_blocks))
+    k_span = max(1, cdiv(k_blocks, splits)) * block_k
+    return k_span, max(1, cdiv(k4, k_span))
+
+
+def _output(m: int, n: int, splits: int, device: torch.device) -> torch.Tensor:
+    # Split-K programs add into the output, so it starts at zero.
+    if splits > 1:
+        return torch.zeros((m, n), dtype=torch.int32, device=device)
+    return torch.empty((m, n), dtype=torch.int32, device=device)
+
+
+def interleave(a: torch.Tensor) -> torch.Tensor:
+    """a' (contiguous): column 4j + i of a' is column i·K/4 + j of ``a`` (the column order the interleaved kernel
+    pairs with packed row j)."""
+    m, k = a.shape
+    return a.reshape(m, CODES_PER_BYTE, k // CODES_PER_BYTE).transpose(1, 2).reshape(m, k)
+
+
 def int2_matmul_tiled(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -154,43 +319,67 @@ def int2_matmul_tiled(
     num_warps: int = 4,
     num_stages: int = 3,
     weights_left: bool = False,
+    interleaved: bool = False,
 ) -> torch.Tensor:
-    """``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most `splits` K splits;
-    `weights_left`: the kernel's WEIGHTS_LEFT."""
+    """The tensor-core kernel. ``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most
+    `splits` K splits; `weights_left`, `interleaved`: the kernel's WEIGHTS_LEFT and INTERLEAVED."""
     m, k = a.shape
     n = b.shape[1]
     k4 = k // CODES_PER_BYTE
-    k_blocks = cdiv(k4, block_k)
-    splits = max(1, min(splits, k_blocks))
-    k_span = max(1, cdiv(k_blocks, splits)) * block_k  # packed rows per split, a multiple of BLOCK_K
-    splits = max(1, cdiv(k4, k_span))  # no split left without rows
-    if splits > 1:
-        c = torch.zeros((m, n), dtype=torch.int32, device=a.device)
-    else:
-        c = torch.empty((m, n), dtype=torch.int32, device=a.device)
+    k_span, splits = _k_span(k4, block_k, splits)
+    c = _output(m, n, splits, a.device)
     if m == 0 or n == 0:
         return c
+    if interleaved:
+        a = interleave(a)
     grid = (cdiv(m, block_m) * cdiv(n, block_n), splits)
     _launch(int2_matmul_kernel)[grid](
         a, b, c,
         m, n, k4, k_span,
         a.stride(0), a.stride(1), k4 * a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M,
-        SPLIT_K=splits, EVEN_K=k4 % block_k == 0, WEIGHTS_LEFT=weights_left,
+        SPLIT_K=splits, EVEN_K=k4 % block_k == 0, WEIGHTS_LEFT=weights_left, INTERLEAVED=interleaved,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return c
 
 
-def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a`` int8 (M, K) times the ternary weights packed in ``b`` uint8 (K/4, N): int32 (M, N), tiled by `tile`."""
+def int2_gemv(
+    a: torch.Tensor, b: torch.Tensor, block_n: int, block_k: int, splits: int = 1, num_warps: int = 4
+) -> torch.Tensor:
+    """The dp4a kernel, one program per (column block, K split, row of `a`): for a few rows (M <= GEMV_MAX_M)."""
     m, k = a.shape
     n = b.shape[1]
-    block_m, block_n, block_k, num_warps, num_stages, weights_left = tile(m)
-    tiles = cdiv(m, block_m) * cdiv(n, block_n)
+    k4 = k // CODES_PER_BYTE
+    k_span, splits = _k_span(k4, block_k, splits)
+    c = _output(m, n, splits, a.device)
+    if m == 0 or n == 0:
+        return c
+    grid = (cdiv(n, block_n), splits, m)
+    _launch(int2_gemv_kernel)[grid](
+        a, b, c,
+        n, k4, k_span,
+        a.stride(0), a.stride(1), k4 * a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=splits, num_warps=num_warps,
+    )  # fmt: skip
+    return c
+
+
+def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a`` int8 (M, K) times the ternary weights packed in ``b`` uint8 (K/4, N): int32 (M, N). The dp4a kernel for
+    M <= GEMV_MAX_M, else the tensor cores, tiled by `tile`."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m <= GEMV_MAX_M:
+        block_n, block_k, num_warps = gemv_tile()
+        programs = GEMV_PROGRAMS_PER_SM * sm_count(a.device)
+        splits = split_k(m * cdiv(n, block_n), k // CODES_PER_BYTE, block_k, programs)
+        return int2_gemv(a, b, block_n, block_k, splits, num_warps)
     programs = SPLIT_K_PROGRAMS_PER_SM * sm_count(a.device)
+    block_m, block_n, block_k, num_warps, num_stages, weights_left, interleaved = tile(m)
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
     splits = split_k(tiles, k // CODES_PER_BYTE, block_k, programs)
-    return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages, weights_left)
+    return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages, weights_left, interleaved)
 
 
 int2_matmul_op = launcher_op("int2_matmul", int2_matmul)
