@@ -166,31 +166,24 @@ def fused_linear_jsd():
 
 
 def int2():
-    """The tensor-core kernel's tilings (plane by plane and interleaved, weights on either side) at M 8192, 64 and
-    16, and the dp4a kernel's at M 1 to 16 (with the tensor cores beside it at M 4 to 16, to place GEMV_MAX_M).
-    Decode shapes are also timed as CUDA-graph replays, which leave out the host's launch cost: that is the kernel's
-    own time, to compare with reading the packed weights once (timed the same way, as a sum of the bytes)."""
+    """The tensor-core kernel's tilings (weights on either side) at M 8192 and 64 and at decode sizes M 1 to 16, and
+    the dp4a kernel's at M 1 to 4 (to place GEMV_MAX_M). Decode shapes are also timed as CUDA-graph replays, which
+    leave out the host's launch cost: that is the kernel's own time, to compare with reading the packed weights once
+    (timed the same way, as an int32 sum of their bytes)."""
     from liger_backends.triton import int2_matmul as module
     from triton.testing import do_bench_cudagraph
 
-    # (tile, weights_left, interleaved): the former best of each shape first, plane by plane, for the comparison.
-    large = [((256, 128, 64, 8, 3), True, False)] + [
-        (tile, left, True)
-        for tile in ((256, 128, 64, 8, 2), (128, 256, 64, 8, 2), (128, 128, 64, 4, 3), (128, 128, 128, 8, 2),
-                     (256, 128, 32, 8, 3), (128, 256, 32, 8, 3), (256, 256, 32, 8, 2), (128, 128, 64, 8, 4))
-        for left in (False, True)
-    ]  # fmt: skip
-    medium = [((64, 64, 64, 4, 4), True, False)] + [
-        (tile, left, True)
-        for tile in ((64, 64, 64, 4, 4), (64, 128, 64, 4, 3), (64, 64, 128, 4, 3))
-        for left in (False, True)
-    ]  # fmt: skip
-    small = [((16, 64, 128, 4, 4), False, False)] + [
-        (tile, False, True) for tile in ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3))
-    ]
+    # (tile, weights_left); the shipped tiling of each size first.
+    large = [((256, 128, 64, 8, 3), True), ((256, 128, 32, 8, 4), True), ((256, 128, 32, 8, 5), True),
+             ((256, 128, 128, 8, 2), True), ((128, 256, 64, 8, 3), True), ((256, 256, 32, 16, 3), True),
+             ((256, 256, 64, 16, 2), True), ((256, 128, 64, 16, 3), True), ((128, 128, 64, 4, 4), True),
+             ((256, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), False)]  # fmt: skip
+    medium = [((64, 64, 64, 4, 4), True), ((64, 64, 128, 4, 3), True), ((64, 128, 64, 4, 4), True)]
+    decode = [((16, 64, 128, 4, 4), False), ((16, 32, 128, 4, 4), False), ((16, 64, 256, 4, 3), False),
+              ((16, 128, 128, 4, 4), False), ((16, 64, 128, 2, 4), False), ((16, 32, 256, 2, 4), False)]  # fmt: skip
     # (BLOCK_N, BLOCK_K, num_warps, programs per SM) of the dp4a kernel.
-    gemv = [(256, 16, 4, 8), (256, 16, 4, 16), (128, 16, 4, 8), (512, 16, 8, 8), (256, 16, 4, 4), (128, 16, 4, 16),
-            (512, 16, 8, 4), (256, 32, 4, 8), (256, 8, 4, 8), (256, 8, 4, 16), (128, 32, 4, 8)]  # fmt: skip
+    gemv = [(128, 32, 4, 8), (128, 64, 4, 8), (64, 32, 2, 8), (128, 32, 8, 8), (128, 32, 4, 4), (128, 32, 4, 16),
+            (64, 64, 4, 8), (256, 32, 8, 8), (128, 16, 4, 8)]  # fmt: skip
     rows = []
 
     def time_call(row, call, expected, decode):
@@ -212,30 +205,24 @@ def int2():
         expected = (a.double() @ w).to(torch.int32)  # exact: every partial sum is an integer below 2^53
         del w
         name = f"int2 M {m} K {k} N {n}"
-        decode = m <= 16
-        programs = module.SPLIT_K_PROGRAMS_PER_SM * 132
-        if decode:
+        is_decode = m <= 16
+        if is_decode:
             read_once = functools.partial(torch.sum, b.view(torch.int32), dtype=torch.int32)
             read = {"kernel": name, "reference": "read the packed weights once (int32 sum)"}
             read["graph_ms"] = float(do_bench_cudagraph(read_once, rep=100, return_mode="median"))
             rows.append(read)
-            configs = [(bn, bk, warps, per_sm) for bn, bk, warps, per_sm in gemv]
-            if m > 1:
-                configs = configs[:4]
-            for bn, bk, warps, per_sm in configs:
+        if m <= 4:
+            for bn, bk, warps, per_sm in gemv if m == 1 else gemv[:3]:
                 splits = module.split_k(m * -(-n // bn), k // 4, bk, per_sm * 132)
                 call = functools.partial(module.int2_gemv, a, b, bn, bk, splits, warps)
-                time_call({"kernel": name, "gemv": [bn, bk, warps, per_sm], "splits": splits}, call, expected, decode)
-        tilings = {8192: large, 64: medium, 16: small}.get(m, small[1:3] if m > 1 else [])
-        for (bm, bn, bk, warps, stages), left, interleaved in tilings:
+                time_call({"kernel": name, "gemv": [bn, bk, warps, per_sm], "splits": splits}, call, expected, True)
+        tilings = {8192: large, 64: medium}.get(m, decode if m in (1, 16) else decode[:2])
+        for (bm, bn, bk, warps, stages), left in tilings:
             tiles = -(-m // bm) * -(-n // bn)
-            splits = module.split_k(tiles, k // 4, bk, programs)
-            call = functools.partial(
-                module.int2_matmul_tiled, a, b, bm, bn, bk, splits, warps, stages, left, interleaved
-            )
-            row = {"kernel": name, "tile": [bm, bn, bk, warps, stages], "weights_left": left,
-                   "interleaved": interleaved, "splits": splits}  # fmt: skip
-            time_call(row, call, expected, decode)
+            splits = module.split_k(tiles, k // 4, bk, module.SPLIT_K_PROGRAMS_PER_SM * 132)
+            call = functools.partial(module.int2_matmul_tiled, a, b, bm, bn, bk, splits, warps, stages, left)
+            row = {"kernel": name, "tile": [bm, bn, bk, warps, stages], "weights_left": left, "splits": splits}
+            time_call(row, call, expected, is_decode)
         print(f"\n{name}")
         for row in sorted((r for r in rows if r["kernel"] == name), key=lambda r: r.get("graph_ms", r.get("ms", 1e9))):
             print("  ", json.dumps(row))

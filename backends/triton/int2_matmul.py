@@ -10,15 +10,10 @@ operands accumulating in int32 (the int8 tensor-core rate on Hopper). The weight
 Exactness: every product is an integer with |a·w| <= 128 and the accumulator is int32, so the result is exact up to
 K = 2^24 (where the reference, like ``a.int() @ w.int()``, would wrap too).
 
-Two ways to feed the tensor cores (the kernel's INTERLEAVED):
-
-- plane by plane: each packed tile is unpacked into four (BLOCK_K, BLOCK_N) weight tiles, each multiplying its own
-  slice of ``a``. The tiles are N-contiguous but int8 tensor-core operands must be K-contiguous, so every weight is
-  moved through shared memory byte by byte (measured: ~35 instructions per packed byte at 256 x 128 tiles);
-- interleaved: ``a`` is first copied with its columns reordered, ``a'[m, 4j + i] = a[m, i·K/4 + j]``, so that the four
-  codes of one byte are four consecutive K positions of one column, which is how an int8 operand register holds
-  them. A packed tile then becomes one (4·BLOCK_K, BLOCK_N) weight tile and one product, with ~13 instructions per
-  packed byte (sm_90 SASS of the same tiling). The copy of ``a`` reads and writes M·K bytes once.
+Each packed tile is unpacked into four (BLOCK_K, BLOCK_N) weight tiles, each multiplying its own slice of ``a``.
+(Reordering the columns of ``a`` so that a byte's four codes meet four consecutive K positions, one product per
+packed tile, takes fewer instructions but was slower on the H200: 0.54 ms against 0.42 at M 8192, 31 µs against 13 at
+M 16; 2026-11-29-h200-s7-tune-int2-first.json.)
 
 On a GPU the unpacking runs on four bytes at once in 32-bit registers (inline PTX: shift, mask, then ``c - 1`` per
 byte as ``(c + 0x7F) ^ 0x80``, which never carries into the next byte); the interpreter, which has no PTX, runs the
@@ -61,7 +56,7 @@ GROUP_M = 8  # output-tile rows per L2 group in the large-M tiling
 MIN_K_BLOCKS_PER_SPLIT = 2  # a split-K program walks at least this many BLOCK_K steps
 SPLIT_K_PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 MAX_K = 1 << 24  # past it an int32 sum of K products of magnitude <= 128 could overflow
-GEMV_MAX_M = 4  # rows of `a` up to which the dp4a kernel runs instead of the tensor cores
+GEMV_MAX_M = 1  # rows of `a` up to which the dp4a kernel runs instead of the tensor cores (slower from M 2 on)
 GEMV_PROGRAMS_PER_SM = 8  # the dp4a kernel's K splits aim at this many programs per SM (loads in flight)
 
 
@@ -124,12 +119,11 @@ def int2_matmul_kernel(
     M, N, K4, k_span,
     stride_am, stride_ak, stride_plane, stride_bk, stride_bn, stride_cm, stride_cn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr, INTERLEAVED: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, WEIGHTS_LEFT: tl.constexpr,
 ):  # fmt: skip
     """Program (t, s) computes output tile t over packed rows ``s·k_span .. (s+1)·k_span`` (all of K/4 when
     SPLIT_K == 1). k_span is a multiple of BLOCK_K; EVEN_K: K/4 is one too, so no packed row is ever out of range.
-    stride_plane = K/4 · stride_ak: from one code plane's slice of `a` to the next. INTERLEAVED: `a` is a' (see the
-    module's docstring), and packed row j pairs with its columns 4j .. 4j+3.
+    stride_plane = K/4 · stride_ak: from one code plane's slice of `a` to the next.
 
     WEIGHTS_LEFT computes the transposed tile, ``wᵀ @ aᵀ``, and transposes it back before the store. Hopper's wgmma
     takes its left operand from registers but its right one only from shared memory: with the unpacked weights on
@@ -150,14 +144,10 @@ def int2_matmul_kernel(
     ks = tl.arange(0, BLOCK_K)
     row_mask = rows < M
     col_mask = cols < N
-    # Packed rows of this program; column j of `a` plane i is i·K4 + j, column 4j + i of a'.
+    # Packed rows of this program; column j of `a` plane i is i·K4 + j.
     k_start = tl.program_id(1) * k_span
     k_stop = tl.minimum(k_start + k_span, K4)
-    if INTERLEAVED:
-        a_cols = 4 * k_start + tl.arange(0, 4 * BLOCK_K)
-    else:
-        a_cols = k_start + ks
-    a_ptrs = A + rows.to(tl.int64)[:, None] * stride_am + a_cols.to(tl.int64)[None, :] * stride_ak
+    a_ptrs = A + rows.to(tl.int64)[:, None] * stride_am + (k_start + ks).to(tl.int64)[None, :] * stride_ak
     b_ptrs = B + (k_start + ks).to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
 
     if WEIGHTS_LEFT:
@@ -170,26 +160,15 @@ def int2_matmul_kernel(
             packed = tl.load(b_ptrs, mask=col_mask[None, :], other=0)
         else:
             k_mask = (k + ks) < k_stop
-            if INTERLEAVED:
-                a_mask = row_mask[:, None] & ((k + tl.arange(0, 4 * BLOCK_K) // 4) < k_stop)[None, :]
-            else:
-                a_mask = row_mask[:, None] & k_mask[None, :]
+            a_mask = row_mask[:, None] & k_mask[None, :]
             packed = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
         # Rows past K/4 hold code 0 (weight -1) here, but their `a` columns load as 0.
         w0, w1, w2, w3 = weight_planes(packed)
-        if INTERLEAVED:
-            # w[j, n, s, t] = plane 2s + t; as (j, s, t, n) and then (4·BLOCK_K, BLOCK_N), row 4j + i is plane i of
-            # packed row j: the row order of a'.
-            w = tl.join(tl.join(w0, w2), tl.join(w1, w3))
-            w = tl.reshape(tl.permute(w, (0, 2, 3, 1)), (4 * BLOCK_K, BLOCK_N))
-            acc = accumulate(acc, w, tl.load(a_ptrs, mask=a_mask, other=0), WEIGHTS_LEFT)
-            a_ptrs += 4 * BLOCK_K * stride_ak
-        else:
-            acc = accumulate(acc, w0, tl.load(a_ptrs, mask=a_mask, other=0), WEIGHTS_LEFT)
-            acc = accumulate(acc, w1, tl.load(a_ptrs + stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
-            acc = accumulate(acc, w2, tl.load(a_ptrs + 2 * stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
-            acc = accumulate(acc, w3, tl.load(a_ptrs + 3 * stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
-            a_ptrs += BLOCK_K * stride_ak
+        acc = accumulate(acc, w0, tl.load(a_ptrs, mask=a_mask, other=0), WEIGHTS_LEFT)
+        acc = accumulate(acc, w1, tl.load(a_ptrs + stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
+        acc = accumulate(acc, w2, tl.load(a_ptrs + 2 * stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
+        acc = accumulate(acc, w3, tl.load(a_ptrs + 3 * stride_plane, mask=a_mask, other=0), WEIGHTS_LEFT)
+        a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     if WEIGHTS_LEFT:
         acc = tl.trans(acc)
@@ -260,19 +239,22 @@ def int2_gemv_kernel(
 # -- launch heuristics ---------------------------------------------------------------------------------------------
 
 
-def tile(m: int) -> tuple[int, int, int, int, int, bool, bool]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K in packed rows, num_warps, num_stages, weights_left, interleaved) of the
-    tensor-core kernel for M rows of `a`, from `benchmarks/tune.py --only int2` on an H200."""
+def tile(m: int) -> tuple[int, int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K in packed rows, num_warps, num_stages, weights_left) of the tensor-core kernel for M
+    rows of `a`, from `benchmarks/tune.py --only int2` on an H200 (2026-11-29-h200-s7-tune-int2-*.json): at M 8192,
+    K = N = 4096, weights-left 256 x 128 x 64 tiles take 0.42 ms; at M 64 (K = N = 8192) weights-left 64 x 64 x 64
+    tiles 0.042 ms; at M 16, 64-column weights-right tiles 13 µs of GPU time."""
     if m <= 16:
-        return 16, 64, 128, 4, 4, False, True
+        return 16, 64, 128, 4, 4, False
     if m <= 64:
-        return 64, 64, 64, 4, 4, False, True
-    return 256, 128, 64, 8, 2, False, True
+        return 64, 64, 64, 4, 4, True
+    return 256, 128, 64, 8, 3, True
 
 
 def gemv_tile() -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K in packed rows, num_warps) of the dp4a kernel (M <= GEMV_MAX_M)."""
-    return 256, 16, 4
+    """(BLOCK_N, BLOCK_K in packed rows, num_warps) of the dp4a kernel (M <= GEMV_MAX_M): at M 1, K = N = 8192,
+    128 x 32 takes 12.8 µs of GPU time (CUDA-graph replay) against 13.9 for 128 x 16 and 14.1 for 256 x 16."""
+    return 128, 32, 4
 
 
 def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
@@ -302,13 +284,6 @@ def _output(m: int, n: int, splits: int, device: torch.device) -> torch.Tensor:
     return torch.empty((m, n), dtype=torch.int32, device=device)
 
 
-def interleave(a: torch.Tensor) -> torch.Tensor:
-    """a' (contiguous): column 4j + i of a' is column i·K/4 + j of ``a`` (the column order the interleaved kernel
-    pairs with packed row j)."""
-    m, k = a.shape
-    return a.reshape(m, CODES_PER_BYTE, k // CODES_PER_BYTE).transpose(1, 2).reshape(m, k)
-
-
 def int2_matmul_tiled(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -319,10 +294,9 @@ def int2_matmul_tiled(
     num_warps: int = 4,
     num_stages: int = 3,
     weights_left: bool = False,
-    interleaved: bool = False,
 ) -> torch.Tensor:
     """The tensor-core kernel. ``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most
-    `splits` K splits; `weights_left`, `interleaved`: the kernel's WEIGHTS_LEFT and INTERLEAVED."""
+    `splits` K splits; `weights_left`: the kernel's WEIGHTS_LEFT."""
     m, k = a.shape
     n = b.shape[1]
     k4 = k // CODES_PER_BYTE
@@ -330,15 +304,13 @@ def int2_matmul_tiled(
     c = _output(m, n, splits, a.device)
     if m == 0 or n == 0:
         return c
-    if interleaved:
-        a = interleave(a)
     grid = (cdiv(m, block_m) * cdiv(n, block_n), splits)
     _launch(int2_matmul_kernel)[grid](
         a, b, c,
         m, n, k4, k_span,
         a.stride(0), a.stride(1), k4 * a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=GROUP_M,
-        SPLIT_K=splits, EVEN_K=k4 % block_k == 0, WEIGHTS_LEFT=weights_left, INTERLEAVED=interleaved,
+        SPLIT_K=splits, EVEN_K=k4 % block_k == 0, WEIGHTS_LEFT=weights_left,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return c
@@ -376,10 +348,10 @@ def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         splits = split_k(m * cdiv(n, block_n), k // CODES_PER_BYTE, block_k, programs)
         return int2_gemv(a, b, block_n, block_k, splits, num_warps)
     programs = SPLIT_K_PROGRAMS_PER_SM * sm_count(a.device)
-    block_m, block_n, block_k, num_warps, num_stages, weights_left, interleaved = tile(m)
+    block_m, block_n, block_k, num_warps, num_stages, weights_left = tile(m)
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     splits = split_k(tiles, k // CODES_PER_BYTE, block_k, programs)
-    return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages, weights_left, interleaved)
+    return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages, weights_left)
 
 
 int2_matmul_op = launcher_op("int2_matmul", int2_matmul)

@@ -92,25 +92,15 @@ def test_every_byte(device):
     check(a, b)
 
 
-@pytest.mark.parametrize("interleaved", (False, True))
 @pytest.mark.parametrize("weights_left", (False, True))
 @pytest.mark.parametrize("splits", (1, 3))
 @pytest.mark.parametrize("m, k, n", ((40, 4 * 70, 50), (33, 4 * 64, 17), (16, 4 * 96, 48)))
-def test_many_tiles(kernel_module, device, m, k, n, splits, weights_left, interleaved):
+def test_many_tiles(kernel_module, device, m, k, n, splits, weights_left):
     """16 x 16 tiles, 32 packed rows per step (int8 tensor-core products need K >= 32 on a GPU): several tiles along
     M, N and K/4, partial edge tiles, K/4 a multiple of BLOCK_K or not; the product computed as a @ w and as
-    (wᵀ @ aᵀ)ᵀ, plane by plane and with `a` interleaved."""
+    (wᵀ @ aᵀ)ᵀ."""
     a, b = make(m, k, n, device, seed=splits)
-    got = kernel_module.int2_matmul_tiled(a, b, 16, 16, 32, splits, weights_left=weights_left, interleaved=interleaved)
-    check(a, b, got)
-
-
-def test_interleave(kernel_module):
-    a = torch.arange(2 * 12, dtype=torch.int8).reshape(2, 12)  # K/4 = 3
-    got = kernel_module.interleave(a)
-    assert got.is_contiguous()
-    assert got[1].tolist() == [12, 15, 18, 21, 13, 16, 19, 22, 14, 17, 20, 23]  # 4j + i holds i·3 + j
-    assert torch.equal(a, torch.arange(2 * 12, dtype=torch.int8).reshape(2, 12)), "a must not be modified"
+    check(a, b, kernel_module.int2_matmul_tiled(a, b, 16, 16, 32, splits, weights_left=weights_left))
 
 
 @pytest.mark.parametrize("splits", (1, 2, 5))
@@ -158,6 +148,7 @@ def test_empty(device, m, k, n):
 def test_heuristics(kernel_module, device):
     assert kernel_module.tile(1)[0] == 16 and kernel_module.tile(16)[0] == 16
     assert kernel_module.tile(17)[0] == 64 and kernel_module.tile(8192)[:3] == (256, 128, 64)
+    assert kernel_module.tile(8192)[5] and not kernel_module.tile(1)[5]  # weights on the left past decode
     # Up to GEMV_MAX_M rows the dp4a kernel runs: its result is exact at M = GEMV_MAX_M and one row more.
     for m in (kernel_module.GEMV_MAX_M, kernel_module.GEMV_MAX_M + 1):
         check(*make(m, 4 * 40, 21, device, seed=m))
