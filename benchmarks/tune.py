@@ -166,10 +166,9 @@ def fused_linear_jsd():
 
 
 def int2():
-    """The tensor-core kernel's tilings (weights on either side) at M 8192 and 64 and at decode sizes M 1 to 16, and
-    the dp4a kernel's at M 1 to 4 (to place GEMV_MAX_M). Decode shapes are also timed as CUDA-graph replays, which
-    leave out the host's launch cost: that is the kernel's own time, to compare with reading the packed weights once
-    (timed the same way, as an int32 sum of their bytes)."""
+    """The kernel's tilings (weights on either side) at M 8192 and 64 and at decode sizes M 1 to 16. Decode shapes
+    are also timed as CUDA-graph replays, which leave out the host's launch cost: that is the kernel's own time, to
+    compare with reading the packed weights once (timed the same way, as an int32 sum of their bytes)."""
     from liger_backends.triton import int2_matmul as module
     from triton.testing import do_bench_cudagraph
 
@@ -179,11 +178,8 @@ def int2():
              ((256, 256, 64, 16, 2), True), ((256, 128, 64, 16, 3), True), ((128, 128, 64, 4, 4), True),
              ((256, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), False)]  # fmt: skip
     medium = [((64, 64, 64, 4, 4), True), ((64, 64, 128, 4, 3), True), ((64, 128, 64, 4, 4), True)]
-    decode = [((16, 64, 128, 4, 4), False), ((16, 32, 128, 4, 4), False), ((16, 64, 256, 4, 3), False),
-              ((16, 128, 128, 4, 4), False), ((16, 64, 128, 2, 4), False), ((16, 32, 256, 2, 4), False)]  # fmt: skip
-    # (BLOCK_N, BLOCK_K, num_warps, programs per SM) of the dp4a kernel.
-    gemv = [(128, 32, 4, 8), (128, 64, 4, 8), (64, 32, 2, 8), (128, 32, 8, 8), (128, 32, 4, 4), (128, 32, 4, 16),
-            (64, 64, 4, 8), (256, 32, 8, 8), (128, 16, 4, 8)]  # fmt: skip
+    decode = [((16, 128, 128, 4, 4), False), ((16, 64, 128, 4, 4), False), ((16, 64, 256, 4, 3), False),
+              ((16, 32, 128, 4, 4), False), ((16, 64, 128, 2, 4), False), ((16, 32, 256, 2, 4), False)]  # fmt: skip
     rows = []
 
     def time_call(row, call, expected, decode):
@@ -211,11 +207,6 @@ def int2():
             read = {"kernel": name, "reference": "read the packed weights once (int32 sum)"}
             read["graph_ms"] = float(do_bench_cudagraph(read_once, rep=100, return_mode="median"))
             rows.append(read)
-        if m <= 4:
-            for bn, bk, warps, per_sm in gemv if m == 1 else gemv[:3]:
-                splits = module.split_k(m * -(-n // bn), k // 4, bk, per_sm * 132)
-                call = functools.partial(module.int2_gemv, a, b, bn, bk, splits, warps)
-                time_call({"kernel": name, "gemv": [bn, bk, warps, per_sm], "splits": splits}, call, expected, True)
         tilings = {8192: large, 64: medium}.get(m, decode if m in (1, 16) else decode[:2])
         for (bm, bn, bk, warps, stages), left in tilings:
             tiles = -(-m // bm) * -(-n // bn)

@@ -10,24 +10,21 @@ operands accumulating in int32 (the int8 tensor-core rate on Hopper). The weight
 Exactness: every product is an integer with |a·w| <= 128 and the accumulator is int32, so the result is exact up to
 K = 2^24 (where the reference, like ``a.int() @ w.int()``, would wrap too).
 
-Each packed tile is unpacked into four (BLOCK_K, BLOCK_N) weight tiles, each multiplying its own slice of ``a``.
-(Reordering the columns of ``a`` so that a byte's four codes meet four consecutive K positions, one product per
-packed tile, takes fewer instructions but was slower on the H200: 0.54 ms against 0.42 at M 8192, 31 µs against 13 at
-M 16; 2026-11-29-h200-s7-tune-int2-first.json.)
-
 On a GPU the unpacking runs on four bytes at once in 32-bit registers (inline PTX: shift, mask, then ``c - 1`` per
-byte as ``(c + 0x7F) ^ 0x80``, which never carries into the next byte); the interpreter, which has no PTX, runs the
-same arithmetic byte by byte.
+byte as ``(c + 0x7F) ^ 0x80``, which never carries into the next byte): 0.42 ms at M 8192, K = N = 4096, against 0.49
+byte by byte. The interpreter, which has no PTX, runs the same arithmetic byte by byte.
 
-Decode (M <= GEMV_MAX_M) skips the tensor cores: a program per (column block, K split, row) multiplies each packed
-byte by the four activations it pairs with in one ``dp4a`` (a four-way int8 dot product): the byte's four codes are
-spread into the four bytes of a register by two masked multiplications, the four activations are packed into one
-word per packed row, and the "minus one" of every weight becomes one subtraction of the activations' sum at the end.
+Reordering the columns of ``a`` so that a byte's four codes meet four consecutive K positions (one product per packed
+tile instead of four) takes fewer instructions but was slower on the H200: 0.54 ms against 0.42 at M 8192, 31 µs
+against 13 at M 16 (2026-11-29-h200-s7-tune-int2-first.json).
+
+Decode sizes gain nothing from leaving the tensor cores: a kernel that multiplied each packed byte by its four
+activations in one ``dp4a`` took 11.4 µs of GPU time at M 1, K = N = 8192, against 11.7 for 16-row tensor-core tiles
+(2026-11-29-h200-s7-tune-int2.json), and was dropped.
 
 Tiling, chosen on the host from M alone (`tile`):
 
-- decode (M <= GEMV_MAX_M): the dp4a kernel, BLOCK_N columns by BLOCK_K packed rows per step.
-- small (M <= 16): BLOCK_M = 16 (the smallest tensor-core tile), long BLOCK_K, since reading the packed weights
+- decode (M <= 16): BLOCK_M = 16 (the smallest tensor-core tile), long BLOCK_K, since reading the packed weights
   is the whole cost.
 - medium (M <= 64) and large: see `tile`.
 
@@ -56,8 +53,6 @@ GROUP_M = 8  # output-tile rows per L2 group in the large-M tiling
 MIN_K_BLOCKS_PER_SPLIT = 2  # a split-K program walks at least this many BLOCK_K steps
 SPLIT_K_PROGRAMS_PER_SM = 2  # split-K aims at this many programs per SM
 MAX_K = 1 << 24  # past it an int32 sum of K products of magnitude <= 128 could overflow
-GEMV_MAX_M = 1  # rows of `a` up to which the dp4a kernel runs instead of the tensor cores (slower from M 2 on)
-GEMV_PROGRAMS_PER_SM = 8  # the dp4a kernel's K splits aim at this many programs per SM (loads in flight)
 
 
 # -- unpacking -----------------------------------------------------------------------------------------------------
@@ -70,17 +65,6 @@ and.b32 t, $4, 0x03030303; add.u32 t, t, 0x7F7F7F7F; xor.b32 $0, t, 0x80808080;
 shr.b32 t, $4, 2; and.b32 t, t, 0x03030303; add.u32 t, t, 0x7F7F7F7F; xor.b32 $1, t, 0x80808080;
 shr.b32 t, $4, 4; and.b32 t, t, 0x03030303; add.u32 t, t, 0x7F7F7F7F; xor.b32 $2, t, 0x80808080;
 shr.b32 t, $4, 6; and.b32 t, t, 0x03030303; add.u32 t, t, 0x7F7F7F7F; xor.b32 $3, t, 0x80808080;
-}""")
-
-# One packed byte (zero-extended in $1) against four activations packed in $2: its codes spread into the four bytes
-# of a register (fields 0 and 2 by x·(1 + 2^12), fields 1 and 3 by x·(2^6 + 2^18); the two products share only bits
-# 12-14, which the mask drops), then $0 = $3 + the four-way dot product of unsigned codes and signed activations.
-_DP4A_CODES_PTX = tl.constexpr("""{
-.reg .b32 e, o;
-and.b32 e, $1, 0x33; and.b32 o, $1, 0xCC;
-mul.lo.u32 e, e, 0x1001; mad.lo.u32 e, o, 0x40040, e;
-and.b32 e, e, 0x03030303;
-dp4a.u32.s32 $0, e, $2, $3;
 }""")
 
 
@@ -181,61 +165,6 @@ def int2_matmul_kernel(
         tl.atomic_add(c_ptrs, acc, mask=c_mask, sem="relaxed")
 
 
-@triton.jit
-def int2_gemv_kernel(
-    A, B, C,
-    N, K4, k_span,
-    stride_am, stride_ak, stride_plane, stride_bk, stride_bn, stride_cm, stride_cn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-):  # fmt: skip
-    """Program (t, s, m): row m of `a` times columns t·BLOCK_N .. of the weights, over packed rows
-    ``s·k_span .. (s+1)·k_span``, without tensor cores. Each step multiplies a (BLOCK_K, BLOCK_N) tile of packed bytes
-    by the codes' four activations; the weights are the codes minus one, so the sum of those activations is
-    subtracted once at the end."""
-    pid_n = tl.program_id(0)
-    row = tl.program_id(2).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    k_start = tl.program_id(1) * k_span
-    k_stop = tl.minimum(k_start + k_span, K4)
-    a_ptrs = A + row * stride_am + (k_start + ks).to(tl.int64) * stride_ak
-    b_ptrs = B + (k_start + ks).to(tl.int64)[:, None] * stride_bk + cols.to(tl.int64)[None, :] * stride_bn
-
-    products = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.int32)
-    a_sums = tl.zeros((BLOCK_K,), dtype=tl.int32)
-    for k in range(k_start, k_stop, BLOCK_K):
-        k_mask = (k + ks) < k_stop
-        # Out-of-range rows load code 0 and activation 0: they add nothing to either sum.
-        packed = tl.load(b_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0).to(tl.int32)
-        a0 = tl.load(a_ptrs, mask=k_mask, other=0).to(tl.int32)
-        a1 = tl.load(a_ptrs + stride_plane, mask=k_mask, other=0).to(tl.int32)
-        a2 = tl.load(a_ptrs + 2 * stride_plane, mask=k_mask, other=0).to(tl.int32)
-        a3 = tl.load(a_ptrs + 3 * stride_plane, mask=k_mask, other=0).to(tl.int32)
-        a_sums += a0 + a1 + a2 + a3
-        if INTERPRETED:
-            products += (
-                a0[:, None] * (packed & 3) + a1[:, None] * ((packed >> 2) & 3)
-                + a2[:, None] * ((packed >> 4) & 3) + a3[:, None] * (packed >> 6)
-            )  # fmt: skip
-        else:
-            # Byte i of the word is the activation of code i.
-            a_word = (a0 & 0xFF) | ((a1 & 0xFF) << 8) | ((a2 & 0xFF) << 16) | (a3 << 24)
-            products = tl.inline_asm_elementwise(
-                _DP4A_CODES_PTX, "=r,r,r,r", [packed, tl.broadcast_to(a_word[:, None], (BLOCK_K, BLOCK_N)), products],
-                dtype=tl.int32, is_pure=True, pack=1,
-            )  # fmt: skip
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
-    out = tl.sum(products, axis=0) - tl.sum(a_sums, axis=0)
-
-    c_ptrs = C + row * stride_cm + cols.to(tl.int64) * stride_cn
-    if SPLIT_K == 1:
-        tl.store(c_ptrs, out, mask=col_mask)
-    else:
-        tl.atomic_add(c_ptrs, out, mask=col_mask, sem="relaxed")
-
-
 # -- launch heuristics ---------------------------------------------------------------------------------------------
 
 
@@ -243,18 +172,13 @@ def tile(m: int) -> tuple[int, int, int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, BLOCK_K in packed rows, num_warps, num_stages, weights_left) of the tensor-core kernel for M
     rows of `a`, from `benchmarks/tune.py --only int2` on an H200 (2026-11-29-h200-s7-tune-int2-*.json): at M 8192,
     K = N = 4096, weights-left 256 x 128 x 64 tiles take 0.42 ms; at M 64 (K = N = 8192) weights-left 64 x 64 x 64
-    tiles 0.042 ms; at M 16, 64-column weights-right tiles 13 µs of GPU time."""
+    tiles 0.042-0.057 ms; at M 1, 128-column weights-right tiles 11.7 µs of GPU time (64 columns: 13.4), at M 16
+    13.4 µs (64 columns: 13.3)."""
     if m <= 16:
-        return 16, 64, 128, 4, 4, False
+        return 16, 128, 128, 4, 4, False
     if m <= 64:
         return 64, 64, 64, 4, 4, True
     return 256, 128, 64, 8, 3, True
-
-
-def gemv_tile() -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K in packed rows, num_warps) of the dp4a kernel (M <= GEMV_MAX_M): at M 1, K = N = 8192,
-    128 x 32 takes 12.8 µs of GPU time (CUDA-graph replay) against 13.9 for 128 x 16 and 14.1 for 256 x 16."""
-    return 128, 32, 4
 
 
 def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
@@ -295,7 +219,7 @@ def int2_matmul_tiled(
     num_stages: int = 3,
     weights_left: bool = False,
 ) -> torch.Tensor:
-    """The tensor-core kernel. ``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most
+    """``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most
     `splits` K splits; `weights_left`: the kernel's WEIGHTS_LEFT."""
     m, k = a.shape
     n = b.shape[1]
@@ -316,37 +240,10 @@ def int2_matmul_tiled(
     return c
 
 
-def int2_gemv(
-    a: torch.Tensor, b: torch.Tensor, block_n: int, block_k: int, splits: int = 1, num_warps: int = 4
-) -> torch.Tensor:
-    """The dp4a kernel, one program per (column block, K split, row of `a`): for a few rows (M <= GEMV_MAX_M)."""
-    m, k = a.shape
-    n = b.shape[1]
-    k4 = k // CODES_PER_BYTE
-    k_span, splits = _k_span(k4, block_k, splits)
-    c = _output(m, n, splits, a.device)
-    if m == 0 or n == 0:
-        return c
-    grid = (cdiv(n, block_n), splits, m)
-    _launch(int2_gemv_kernel)[grid](
-        a, b, c,
-        n, k4, k_span,
-        a.stride(0), a.stride(1), k4 * a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=splits, num_warps=num_warps,
-    )  # fmt: skip
-    return c
-
-
 def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a`` int8 (M, K) times the ternary weights packed in ``b`` uint8 (K/4, N): int32 (M, N). The dp4a kernel for
-    M <= GEMV_MAX_M, else the tensor cores, tiled by `tile`."""
+    """``a`` int8 (M, K) times the ternary weights packed in ``b`` uint8 (K/4, N): int32 (M, N), tiled by `tile`."""
     m, k = a.shape
     n = b.shape[1]
-    if m <= GEMV_MAX_M:
-        block_n, block_k, num_warps = gemv_tile()
-        programs = GEMV_PROGRAMS_PER_SM * sm_count(a.device)
-        splits = split_k(m * cdiv(n, block_n), k // CODES_PER_BYTE, block_k, programs)
-        return int2_gemv(a, b, block_n, block_k, splits, num_warps)
     programs = SPLIT_K_PROGRAMS_PER_SM * sm_count(a.device)
     block_m, block_n, block_k, num_warps, num_stages, weights_left = tile(m)
     tiles = cdiv(m, block_m) * cdiv(n, block_n)

@@ -103,23 +103,6 @@ def test_many_tiles(kernel_module, device, m, k, n, splits, weights_left):
     check(a, b, kernel_module.int2_matmul_tiled(a, b, 16, 16, 32, splits, weights_left=weights_left))
 
 
-@pytest.mark.parametrize("splits", (1, 2, 5))
-@pytest.mark.parametrize("m, k, n", ((1, 4 * 70, 50), (4, 4 * 64, 17), (3, 4 * 9, 300)))
-def test_gemv_many_blocks(kernel_module, device, m, k, n, splits):
-    """The dp4a kernel with 32-column blocks and 16 packed rows a step: several blocks along N and K/4, partial
-    ones, K/4 a multiple of BLOCK_K or not, split along K (a split's last step partial) or not."""
-    a, b = make(m, k, n, device, seed=10 + splits)
-    check(a, b, kernel_module.int2_gemv(a, b, 32, 16, splits))
-
-
-def test_gemv_strided_and_extremes(kernel_module, device):
-    a, b = make(5, 4 * 40, 45, device, seed=12)
-    check(a[::2], b[:, 1::2], kernel_module.int2_gemv(a[::2], b[:, 1::2], 16, 16, 3))
-    a = torch.full((2, 4 * 33), -128, dtype=torch.int8, device=device)
-    b = torch.full((33, 19), 0b11100100, dtype=torch.uint8, device=device)  # codes 0, 1, 2, 3 in every byte
-    check(a, b, kernel_module.int2_gemv(a, b, 16, 16, 2))
-
-
 def test_weights_left_with_uneven_tiles(kernel_module, device):
     """The transposed product with tiles of different sides (a wrong transposition shows as a wrong shape or a
     wrong value), strided inputs."""
@@ -145,13 +128,10 @@ def test_empty(device, m, k, n):
     assert torch.equal(c.cpu(), torch.zeros((m, n), dtype=torch.int32))
 
 
-def test_heuristics(kernel_module, device):
+def test_heuristics(kernel_module):
     assert kernel_module.tile(1)[0] == 16 and kernel_module.tile(16)[0] == 16
     assert kernel_module.tile(17)[0] == 64 and kernel_module.tile(8192)[:3] == (256, 128, 64)
     assert kernel_module.tile(8192)[5] and not kernel_module.tile(1)[5]  # weights on the left past decode
-    # Up to GEMV_MAX_M rows the dp4a kernel runs: its result is exact at M = GEMV_MAX_M and one row more.
-    for m in (kernel_module.GEMV_MAX_M, kernel_module.GEMV_MAX_M + 1):
-        check(*make(m, 4 * 40, 21, device, seed=m))
     # Decode on a 132-SM GPU: 64 output tiles of M=1, K=N=8192 are split along K; large M is not.
     assert kernel_module.split_k(64, 2048, 128, 264) > 1
     assert kernel_module.split_k(2048, 1024, 64, 264) == 1
