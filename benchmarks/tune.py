@@ -146,6 +146,26 @@ def fused_linear_cross_entropy():
     return fused_linear_cross_entropy_at(4096) + fused_linear_cross_entropy_at(2048)
 
 
+def fused_linear_cross_entropy_gemma():
+    """Gemma's vocabulary (x (8192, 3584), W (256000, 3584)): the 256 MiB budget alone gives 512-row chunks; the floor
+    of MIN_CHUNK_ROWS rows gives 1024, in 500 MiB."""
+    from liger_backends.triton import fused_linear_cross_entropy as module
+
+    x = torch.randn(8192, 3584, device="cuda", dtype=BF16, requires_grad=True)
+    w = (torch.randn(256000, 3584, device="cuda", dtype=BF16) * 3584**-0.5).requires_grad_(True)
+    target = torch.randint(0, 256000, (8192,), device="cuda")
+
+    def step():
+        loss = liger_core.call("fused_linear_cross_entropy", x, w, target, None, None, impl="triton")[0]
+        loss.backward()
+        grads = (x.grad, w.grad)
+        x.grad = w.grad = None
+        return loss, *grads
+
+    settings = [{"MIN_CHUNK_ROWS": floor} for floor in ({"cuda": 1024}, {}, {"cuda": 2048})]
+    return sweep("fused_linear_cross_entropy x (8192, 3584) W (256000, 3584)", module, settings, step)
+
+
 def fused_linear_jsd():
     from liger_backends.triton import fused_linear_jsd as module
 
@@ -226,6 +246,7 @@ SWEEPS = {
     "kl_div": kl_div,
     "jsd": jsd,
     "fused_linear_cross_entropy": fused_linear_cross_entropy,
+    "fused_linear_cross_entropy_gemma": fused_linear_cross_entropy_gemma,
     "fused_linear_jsd": fused_linear_jsd,
 }
 

@@ -26,8 +26,9 @@ fp32 result into that buffer (``addmm(out_dtype=torch.float32)``), elsewhere the
 cast to the weight's dtype in the backward. grad_b is always accumulated in fp32 (V values). grad_x is written per
 chunk in the input dtype.
 
-Chunk size: CHUNK_BYTES bounds one chunk's logits in the input dtype (see ``chunk_rows``): the chunk buffer is the
-only memory beside the gradients themselves.
+Chunk size: CHUNK_BYTES bounds one chunk's logits in the input dtype, except that a chunk keeps at least
+MIN_CHUNK_ROWS rows on the GPU (see ``chunk_rows``): the chunk buffer is the only memory beside the gradients
+themselves.
 
 ``use_token_scaling`` multiplies each row's CE term (not its z-loss) by its predicted probability of the target,
 detached, computed by the row kernel from the same log-sum-exp.
@@ -53,13 +54,30 @@ from .rms_norm import DTYPES, launcher_op
 # small, so several are walked.
 CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 10}
 DEFAULT_CHUNK_BYTES = 256 << 20
+# The fused-linear cross entropy's chunks keep at least MIN_CHUNK_ROWS rows on the GPU, as long as that takes at most
+# MAX_FLOOR_BYTES: a chunk's grad_W GEMM does K/2 FLOP per byte of the (V, H) gradient it reads and writes (K = the
+# chunk's rows), and the H200 needs about 200 to stay compute-bound. The byte budget alone gives 1024 rows at
+# V = 128256 but 512 at Gemma's 256000.
+MIN_CHUNK_ROWS = {"cuda": 1024}
+MAX_FLOOR_BYTES = 1 << 30
 
 
-def chunk_rows(rows: int, vocab: int, itemsize: int, device_type: str, chunk_bytes: dict | None = None) -> int:
+def chunk_rows(
+    rows: int,
+    vocab: int,
+    itemsize: int,
+    device_type: str,
+    chunk_bytes: dict | None = None,
+    min_rows: dict | None = None,
+) -> int:
     """Token rows per chunk (at least 1); a multiple of 128 when there is room for several, for the GEMMs.
-    `chunk_bytes` (per device type) defaults to this module's CHUNK_BYTES."""
+    `chunk_bytes` (per device type) defaults to this module's CHUNK_BYTES; `min_rows` (per device type, none by
+    default) raises the rows to that floor where it takes at most MAX_FLOOR_BYTES."""
     budget = (CHUNK_BYTES if chunk_bytes is None else chunk_bytes).get(device_type, DEFAULT_CHUNK_BYTES)
-    n = max(1, budget // max(vocab * itemsize, 1))
+    row_bytes = max(vocab * itemsize, 1)
+    n = max(1, budget // row_bytes)
+    if min_rows is not None:
+        n = max(n, min(min_rows.get(device_type, 1), MAX_FLOOR_BYTES // row_bytes))
     if n >= 256:
         n = n // 128 * 128
     return max(1, min(n, rows))
@@ -136,7 +154,7 @@ def _chunk_loop(
         make = torch.zeros if n_rows == 0 else torch.empty  # the first chunk writes it whole
         grad_weight = make(weight.shape, dtype=acc, device=device)
     grad_bias = torch.zeros((vocab,), dtype=torch.float32, device=device) if want[2] else None
-    step = chunk_rows(n_rows, vocab, x.element_size(), device.type)
+    step = chunk_rows(n_rows, vocab, x.element_size(), device.type, min_rows=MIN_CHUNK_ROWS)
     buffer = chunk_buffer(n_rows, step, vocab, x.dtype, device)
     for start in range(0, n_rows, step):
         end = min(start + step, n_rows)

@@ -175,6 +175,20 @@ def test_chunk_rows(kernel_module, monkeypatch):
     assert kernel_module.chunk_rows(8192, 128256, 2, "cuda") == 4096
 
 
+def test_chunk_rows_floor(kernel_module):
+    """The GPU floor of the fused-linear CE: 1024 rows at Gemma's vocabulary instead of the budget's 512, capped by
+    MAX_FLOOR_BYTES for a huge vocabulary, never more rows than there are, and no floor unless asked for or on the
+    CPU."""
+    floor = kernel_module.MIN_CHUNK_ROWS
+    assert kernel_module.chunk_rows(8192, 256000, 2, "cuda") == 512
+    assert kernel_module.chunk_rows(8192, 256000, 2, "cuda", min_rows=floor) == 1024
+    assert kernel_module.chunk_rows(8192, 128256, 2, "cuda", min_rows=floor) == 1024
+    huge = kernel_module.MAX_FLOOR_BYTES // 2 // 300  # 1024 rows of it would take more than MAX_FLOOR_BYTES
+    assert kernel_module.chunk_rows(8192, huge, 2, "cuda", min_rows=floor) == 256  # 300 rows, to a multiple of 128
+    assert kernel_module.chunk_rows(700, 256000, 2, "cuda", min_rows=floor) == 700
+    assert kernel_module.chunk_rows(8192, 256000, 2, "cpu", min_rows=floor) == 1
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_every_row_ignored_gives_zero_not_nan(small_chunks, device, reduction):
     x, weight, target, bias, ce_weight = make(torch.float32, device, with_bias=True, with_ce_weight=True)
