@@ -202,11 +202,11 @@ def int2():
               ((16, 32, 128, 4, 4), False), ((16, 64, 128, 2, 4), False), ((16, 32, 256, 2, 4), False)]  # fmt: skip
     rows = []
 
-    def time_call(row, call, expected, decode):
+    def time_call(row, call, expected, as_graph):
         try:
             assert torch.equal(call(), expected), "wrong result"
             row["ms"] = float(do_bench(call, warmup=50, rep=300, return_mode="median"))
-            if decode:
+            if as_graph:
                 row["graph_ms"] = float(do_bench_cudagraph(call, rep=100, return_mode="median"))
         except Exception as error:
             row["error"] = str(error)[:200]
@@ -234,7 +234,7 @@ def int2():
             call = functools.partial(module.int2_matmul_tiled, a, b, bm, bn, bk, splits, warps, stages, left)
             row = {"kernel": name, "tile": [bm, bn, bk, warps, stages], "weights_left": left, "splits": splits}
             time_call(row, call, expected, is_decode)
-        print(f"\n{name}")
+        print(f"\n{name} (current tile {module.tile(m)})")
         for row in sorted((r for r in rows if r["kernel"] == name), key=lambda r: r.get("graph_ms", r.get("ms", 1e9))):
             print("  ", json.dumps(row))
     return rows

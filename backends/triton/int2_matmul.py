@@ -25,12 +25,12 @@ activations in one ``dp4a`` took 11.4 µs of GPU time at M 1, K = N = 8192, agai
 Tiling, chosen on the host from M alone (`tile`):
 
 - decode (M <= 16): BLOCK_M = 16 (the smallest tensor-core tile), long BLOCK_K, since reading the packed weights
-  is the whole cost.
-- medium (M <= 64) and large: see `tile`.
-
-When the output tiles are too few to occupy every SM, K is split among programs (`split_k`) that add their int32
-partials with atomics into a zeroed output: integer addition is associative, so the result is the same whatever the
-order (deterministic, unlike a float split-K).
+  is the whole cost. When the output tiles are too few to occupy every SM, K is split among
+  programs (`split_k`) that add their int32 partials with atomics into a zeroed output: integer addition is
+  associative, so the result is the same whatever the order (deterministic, unlike a float split-K).
+- medium (M <= 64): 64 x 64 tiles, weights on the left (see the kernel's WEIGHTS_LEFT).
+- large: 256 x 128 output tiles, 64 packed rows (256 weight rows) per step, weights on the left, programs grouped
+  along M so that a group's weight tiles stay in L2 (GROUP_M from 1 to 32 made no measurable difference).
 
 Every edge is masked (M, N, and K/4 not multiples of the blocks); when K/4 is a multiple of BLOCK_K the K mask is
 compiled out. Any strides are accepted (the pointers carry them), so nothing is copied.
@@ -84,7 +84,7 @@ def weight_planes(packed):
     return w0, w1, w2, w3
 
 
-# -- the kernels ---------------------------------------------------------------------------------------------------
+# -- the kernel ----------------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -193,21 +193,6 @@ def split_k(tiles: int, k4: int, block_k: int, programs: int) -> int:
 # -- launchers ---------------------------------------------------------------------------------------------------
 
 
-def _k_span(k4: int, block_k: int, splits: int) -> tuple[int, int]:
-    """(packed rows per split, a multiple of block_k; the number of splits that have rows), for at most `splits`."""
-    k_blocks = cdiv(k4, block_k)
-    splits = max(1, min(splits, k_blocks))
-    k_span = max(1, cdiv(k_blocks, splits)) * block_k
-    return k_span, max(1, cdiv(k4, k_span))
-
-
-def _output(m: int, n: int, splits: int, device: torch.device) -> torch.Tensor:
-    # Split-K programs add into the output, so it starts at zero.
-    if splits > 1:
-        return torch.zeros((m, n), dtype=torch.int32, device=device)
-    return torch.empty((m, n), dtype=torch.int32, device=device)
-
-
 def int2_matmul_tiled(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -219,13 +204,19 @@ def int2_matmul_tiled(
     num_stages: int = 3,
     weights_left: bool = False,
 ) -> torch.Tensor:
-    """``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most
-    `splits` K splits; `weights_left`: the kernel's WEIGHTS_LEFT."""
+    """``a`` int8 (M, K), ``b`` uint8 (K/4, N), any strides; the given tiling and at most `splits` K splits;
+    `weights_left`: the kernel's WEIGHTS_LEFT."""
     m, k = a.shape
     n = b.shape[1]
     k4 = k // CODES_PER_BYTE
-    k_span, splits = _k_span(k4, block_k, splits)
-    c = _output(m, n, splits, a.device)
+    k_blocks = cdiv(k4, block_k)
+    splits = max(1, min(splits, k_blocks))
+    k_span = max(1, cdiv(k_blocks, splits)) * block_k  # packed rows per split, a multiple of BLOCK_K
+    splits = max(1, cdiv(k4, k_span))  # no split left without rows
+    if splits > 1:
+        c = torch.zeros((m, n), dtype=torch.int32, device=a.device)
+    else:
+        c = torch.empty((m, n), dtype=torch.int32, device=a.device)
     if m == 0 or n == 0:
         return c
     grid = (cdiv(m, block_m) * cdiv(n, block_n), splits)
@@ -244,9 +235,9 @@ def int2_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a`` int8 (M, K) times the ternary weights packed in ``b`` uint8 (K/4, N): int32 (M, N), tiled by `tile`."""
     m, k = a.shape
     n = b.shape[1]
-    programs = SPLIT_K_PROGRAMS_PER_SM * sm_count(a.device)
     block_m, block_n, block_k, num_warps, num_stages, weights_left = tile(m)
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
+    programs = SPLIT_K_PROGRAMS_PER_SM * sm_count(a.device)
     splits = split_k(tiles, k // CODES_PER_BYTE, block_k, programs)
     return int2_matmul_tiled(a, b, block_m, block_n, block_k, splits, num_warps, num_stages, weights_left)
 
