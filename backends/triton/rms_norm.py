@@ -298,6 +298,11 @@ def next_power_of_2(n: int) -> int:
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
+def previous_power_of_2(n: int) -> int:
+    """The largest power of two not above `n` (1 for n <= 1): block sizes and warp counts must be powers of two."""
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
 def _rows_per_tile(block_cols: int, n_rows: int, tile_elements: int) -> int:
     return max(1, min(tile_elements // block_cols, next_power_of_2(max(n_rows, 1))))
 

@@ -38,7 +38,7 @@ import triton.language as tl
 from liger_core.operators.rope import rotated_width
 from liger_core.spec import KernelSpec
 
-from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2
+from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2, previous_power_of_2
 
 # Elements of one program's tile (both halves and the pass-through, over its tokens and heads), and the largest head
 # size served (a whole head sits in one tile; no model comes near it).
@@ -133,9 +133,11 @@ def rope_tile(n_rows: int, q_heads: int, k_heads: int, head_dim: int, rotary_dim
     block_pass = next_power_of_2(head_dim - rotary_dim) if head_dim > rotary_dim else 0
     head_elements = 2 * block_half + block_pass
     heads = min(h for h in (q_heads, k_heads) if h > 0) if max(q_heads, k_heads) > 0 else 1
-    block_h = max(1, min(next_power_of_2(heads), TILE // head_elements))
-    block_t = max(1, min(TILE // (block_h * head_elements), next_power_of_2(max(n_rows, 1))))
-    num_warps = max(4, min(8, block_t * block_h * head_elements // 512))
+    # With a partial rotation head_elements need not be a power of two (rotary_dim 8 of 128: 8 + 128), so the
+    # quotients are rounded down to one: Triton takes only powers of two for blocks and warp counts.
+    block_h = max(1, min(next_power_of_2(heads), previous_power_of_2(TILE // head_elements)))
+    block_t = max(1, min(previous_power_of_2(TILE // (block_h * head_elements)), next_power_of_2(max(n_rows, 1))))
+    num_warps = previous_power_of_2(max(4, min(8, block_t * block_h * head_elements // 512)))
     return block_t, block_h, block_pass, num_warps
 
 

@@ -158,6 +158,31 @@ def test_tables_in_another_dtype_and_strided(device):
     check(q, k, cos[..., :16], sin[..., :16])  # fp32 tables, not contiguous
 
 
+@pytest.mark.parametrize("rows", [1, 7, 2048, 8192])
+@pytest.mark.parametrize(("head_dim", "rotary_dim"), [(128, 128), (128, 8), (128, 12), (128, 32), (96, 64), (80, 32)])
+@pytest.mark.parametrize(("q_heads", "k_heads"), [(32, 8), (40, 40), (12, 3)])
+def test_tile_is_made_of_powers_of_two(kernel_module, rows, head_dim, rotary_dim, q_heads, k_heads):
+    """Triton compiles only power-of-two blocks and warp counts. A partial rotation makes the head's elements no
+    power of two (8 rotated + 128 passed through): the tile's quotients must still round to one (they gave 3 tokens
+    and 6 warps at 8192 rows, which the interpreter runs but a GPU refuses to compile)."""
+    block_t, block_h, _, num_warps = kernel_module.rope_tile(rows, q_heads, k_heads, head_dim, rotary_dim)
+    for value in (block_t, block_h, num_warps):
+        assert value >= 1 and value & (value - 1) == 0, (block_t, block_h, num_warps)
+    assert num_warps in (4, 8)
+
+
+def test_partial_rotary_with_many_tokens_per_program(kernel_module, device):
+    """8 of 128 dimensions rotated (136 elements a head in the tile) over 301 tokens: several tokens per program, the
+    last block partial, the tile's quotients rounded to powers of two."""
+    generator = torch.Generator().manual_seed(12)
+    block_t = kernel_module.rope_tile(2 * 301, 2, 1, 128, 8)[0]
+    assert 1 < block_t < 2 * 301 and (2 * 301) % block_t
+    q = heads(2, 2, 301, 128, torch.float32, device, generator)
+    k = heads(2, 1, 301, 128, torch.float32, device, generator)
+    q_out, _, _, _ = check(q, k, *tables(2, 301, 8, torch.float32, device, generator), rotary_dim=8)
+    assert torch.equal(q_out[..., 8:], q[..., 8:])
+
+
 def test_many_tokens_per_program_and_a_long_head(kernel_module, device):
     generator = torch.Generator().manual_seed(7)
     block_t = kernel_module.rope_tile(2 * 301, 2, 1, 8, 8)[0]
