@@ -122,12 +122,11 @@ def jsd():
                  grid(TILE=[4096, 8192, 16384], NUM_WARPS=[4, 8, 16], STAGES=[1, 3]), step)  # fmt: skip
 
 
-def fused_linear_cross_entropy_at(hidden: int) -> list[dict]:
-    from liger_backends.triton import fused_linear_cross_entropy as module
-
+def fused_linear_cross_entropy_step(hidden: int, vocab: int):
+    """Forward+backward of the Triton fused-linear CE on 8192 bf16 tokens, returning the loss and the gradients."""
     x = torch.randn(8192, hidden, device="cuda", dtype=BF16, requires_grad=True)
-    w = (torch.randn(128256, hidden, device="cuda", dtype=BF16) * hidden**-0.5).requires_grad_(True)
-    target = torch.randint(0, 128256, (8192,), device="cuda")
+    w = (torch.randn(vocab, hidden, device="cuda", dtype=BF16) * hidden**-0.5).requires_grad_(True)
+    target = torch.randint(0, vocab, (8192,), device="cuda")
 
     def step():
         loss = liger_core.call("fused_linear_cross_entropy", x, w, target, None, None, impl="triton")[0]
@@ -136,7 +135,14 @@ def fused_linear_cross_entropy_at(hidden: int) -> list[dict]:
         x.grad = w.grad = None
         return loss, *grads
 
+    return step
+
+
+def fused_linear_cross_entropy_at(hidden: int) -> list[dict]:
+    from liger_backends.triton import fused_linear_cross_entropy as module
+
     settings = [{"CHUNK_BYTES": {"cuda": mib << 20, "cpu": 64 << 10}} for mib in (64, 128, 256, 512, 1024)]
+    step = fused_linear_cross_entropy_step(hidden, 128256)
     return sweep(f"fused_linear_cross_entropy x (8192, {hidden}) W (128256, {hidden})", module, settings, step)
 
 
@@ -151,18 +157,8 @@ def fused_linear_cross_entropy_gemma():
     of MIN_CHUNK_ROWS rows gives 1024, in 500 MiB."""
     from liger_backends.triton import fused_linear_cross_entropy as module
 
-    x = torch.randn(8192, 3584, device="cuda", dtype=BF16, requires_grad=True)
-    w = (torch.randn(256000, 3584, device="cuda", dtype=BF16) * 3584**-0.5).requires_grad_(True)
-    target = torch.randint(0, 256000, (8192,), device="cuda")
-
-    def step():
-        loss = liger_core.call("fused_linear_cross_entropy", x, w, target, None, None, impl="triton")[0]
-        loss.backward()
-        grads = (x.grad, w.grad)
-        x.grad = w.grad = None
-        return loss, *grads
-
     settings = [{"MIN_CHUNK_ROWS": floor} for floor in ({"cuda": 1024}, {}, {"cuda": 2048})]
+    step = fused_linear_cross_entropy_step(3584, 256000)
     return sweep("fused_linear_cross_entropy x (8192, 3584) W (256000, 3584)", module, settings, step)
 
 
