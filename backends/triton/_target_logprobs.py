@@ -39,7 +39,8 @@ from .rms_norm import _launch, cast_to, launcher_op
 # kept apart so that it can be tuned (and patched by tests) on its own. Issue 6 bounds DPO's memory at 1.5 GB (with a
 # reference model, x (4, 1024, 4096), V 128256). Measured on an H200 while every chunk still allocated its own logits
 # (two chunks alive at once): 35.8 ms / 1285 MiB with 128 MiB chunks, 34.4 ms / 1535 MiB with 256 MiB, i.e. 1034 MiB
-# of gradients plus two chunks. With one buffer for the loop, 256 MiB should give about 1290 MiB: to be confirmed.
+# of gradients plus two chunks. With one buffer for the loop, 256 MiB gives 1285 MiB
+# (2026-11-29-h200-s6-fused-linear-memory.md; 1.25 GiB again in 2026-11-29-h200-s7-dpo-long-sequence.txt).
 CHUNK_BYTES = dict(flce.CHUNK_BYTES)
 
 
@@ -186,8 +187,7 @@ def target_logprobs_backward(
     n_rows, vocab = x.shape[0], weight.shape[0]
     device = x.device
     grad_x = torch.empty(x.shape if want_x else (0,), dtype=x.dtype, device=device)
-    make = torch.zeros if n_rows == 0 else torch.empty  # the first chunk writes it whole
-    grad_weight = make(weight.shape if want_weight else (0,), dtype=weight.dtype, device=device)
+    grad_weight = flce.weight_gradient_buffer(weight.shape if want_weight else (0,), weight.dtype, device, n_rows)
     grad_bias = torch.zeros((vocab if want_bias else 0,), dtype=torch.float32, device=device)
     if want_x or want_weight or want_bias:
         step = chunk_rows(n_rows, vocab, x.element_size(), device.type)

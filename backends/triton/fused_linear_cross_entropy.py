@@ -108,6 +108,13 @@ def weight_accumulation_dtype(weight_dtype: torch.dtype, accum_dtype: torch.dtyp
 _ADDMM_OUT_DTYPE = {"works": TorchVersion(torch.__version__) >= (2, 10)}
 
 
+def weight_gradient_buffer(shape, dtype: torch.dtype, device: torch.device, n_rows: int) -> torch.Tensor:
+    """The weight gradient a chunk loop fills through `accumulate_weight_gradient`: uninitialised, since the first
+    chunk writes it whole, or zeros when there are no rows (no chunk writes it)."""
+    make = torch.zeros if n_rows == 0 else torch.empty
+    return make(shape, dtype=dtype, device=device)
+
+
 def accumulate_weight_gradient(
     grad_weight: torch.Tensor, dlogits: torch.Tensor, x_chunk: torch.Tensor, first: bool = False
 ) -> None:
@@ -153,8 +160,7 @@ def _chunk_loop(
     grad_weight = None
     if want[1]:
         acc = weight_accumulation_dtype(weight.dtype, accum_dtype)
-        make = torch.zeros if n_rows == 0 else torch.empty  # the first chunk writes it whole
-        grad_weight = make(weight.shape, dtype=acc, device=device)
+        grad_weight = weight_gradient_buffer(weight.shape, acc, device, n_rows)
     grad_bias = torch.zeros((vocab,), dtype=torch.float32, device=device) if want[2] else None
     step = chunk_rows(n_rows, vocab, x.element_size(), device.type, min_rows=MIN_CHUNK_ROWS)
     buffer = chunk_buffer(n_rows, step, vocab, x.dtype, device)

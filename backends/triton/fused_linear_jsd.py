@@ -37,6 +37,7 @@ from .fused_linear_cross_entropy import (
     chunk_buffer,
     chunk_logits,
     weight_accumulation_dtype,
+    weight_gradient_buffer,
 )
 from .jsd import INDEX_DTYPES, beta_logs, counted_rows, jsd_terms, mode_of
 from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2
@@ -158,8 +159,7 @@ def fused_linear_jsd_forward(
         count = (shift_labels != ignore_index).sum().to(torch.float32)
     coef = torch.where(count > 0, 1.0 / torch.clamp(count, min=1.0), torch.zeros_like(count))
     grad_x = torch.empty(student_input.shape if want_x else (0,), dtype=student_input.dtype, device=device)
-    make = torch.zeros if n_rows == 0 else torch.empty  # the first chunk writes grad_w whole
-    grad_w = make(student_weight.shape if want_w else (0,), dtype=accum_dtype, device=device)
+    grad_w = weight_gradient_buffer(student_weight.shape if want_w else (0,), accum_dtype, device, n_rows)
     row_loss = torch.empty((n_rows,), dtype=torch.float32, device=device)
     if n_rows == 0:
         return torch.zeros((), dtype=student_input.dtype, device=device), grad_x, grad_w
