@@ -18,25 +18,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .rms_norm import cast_to, cdiv, traced
+from .rms_norm import cast_to, cdiv, sm_count, traced
 
 BLOCK = 4096
 NUM_WARPS = 8
+# The grid: at most this many programs per SM, each striding over the buffer. One program per BLOCK elements would
+# launch a quarter of a million programs for a (8192, 128256) gradient, each reading the factor and leaving when it
+# is 1: tens of microseconds for nothing.
+PROGRAMS_PER_SM = 4
 
 
 @triton.jit
 def scale_in_place_kernel(BUF, UPSTREAM, numel, n_cols, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """BUF *= upstream (a scalar, or one value per row of n_cols), in place; a block whose factors are all exactly 1
-    is left alone without being read."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    if PER_ROW:
-        g = tl.load(UPSTREAM + offsets // n_cols, mask=mask, other=1.0).to(tl.float32)
-    else:
-        g = tl.load(UPSTREAM + tl.zeros([BLOCK], dtype=tl.int64)).to(tl.float32)
-    if tl.max((g != 1.0).to(tl.int32), axis=0) > 0:
-        x = tl.load(BUF + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(BUF + offsets, cast_to(x * g, BUF.dtype.element_ty), mask=mask)
+    """BUF *= upstream (a scalar, or one value per row of n_cols), in place, BLOCK elements at a time, the programs
+    striding over the buffer; a block whose factors are all exactly 1 is left alone without being read."""
+    stop = numel
+    if not PER_ROW:
+        stop = tl.where(tl.load(UPSTREAM).to(tl.float32) == 1.0, 0, numel)  # the whole grid agrees: nothing to do
+    step = tl.num_programs(0).to(tl.int64) * BLOCK
+    for start in range(tl.program_id(0).to(tl.int64) * BLOCK, stop, step):
+        offsets = start + tl.arange(0, BLOCK)
+        mask = offsets < numel
+        if PER_ROW:
+            g = tl.load(UPSTREAM + offsets // n_cols, mask=mask, other=1.0).to(tl.float32)
+        else:
+            g = tl.load(UPSTREAM + tl.zeros([BLOCK], dtype=tl.int64)).to(tl.float32)
+        if tl.max((g != 1.0).to(tl.int32), axis=0) > 0:
+            x = tl.load(BUF + offsets, mask=mask, other=0.0).to(tl.float32)
+            tl.store(BUF + offsets, cast_to(x * g, BUF.dtype.element_ty), mask=mask)
 
 
 # -- launchers -----------------------------------------------------------------------------------------------------
@@ -54,7 +63,8 @@ def scale_in_place(buffer: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor
         return buffer
     upstream = upstream.contiguous()  # an expanded upstream has stride 0
     n_cols = buffer.shape[-1] if per_row else 1
-    scale_in_place_kernel[(cdiv(numel, BLOCK),)](
+    programs = min(cdiv(numel, BLOCK), PROGRAMS_PER_SM * sm_count(buffer.device))
+    scale_in_place_kernel[(programs,)](
         buffer, upstream, numel, n_cols, PER_ROW=per_row, BLOCK=BLOCK, num_warps=NUM_WARPS
     )
     torch.autograd.graph.increment_version(buffer)

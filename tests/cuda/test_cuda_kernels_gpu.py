@@ -155,6 +155,26 @@ def test_cross_entropy_every_option_on_a_real_vocabulary(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_entropy_lean_and_optioned_kernels_on_llama_vocabulary(dtype):
+    # The row kernel comes in two builds: without softcap, label smoothing and argmax (the common call), and with
+    # them. Each at Llama-3's vocabulary and at a misaligned GPT-2 one (one element at a time), with class weights,
+    # int32 targets, the three reductions (_check's backward feeds a random upstream gradient: never exactly 1).
+    rows = 40
+    for vocab, misaligned in ((128256, False), (50257, True)):
+        if misaligned:
+            logits = _grad(_randn(rows, vocab + 1, dtype=dtype, scale=2.0)[:, 1:].detach())
+        else:
+            logits = _grad(_randn(rows, vocab, dtype=dtype, scale=2.0))
+        target = torch.randint(0, vocab, (rows,), device="cuda")
+        target[::7] = -100
+        weight = torch.rand(vocab, device="cuda").add(0.5)
+        for attrs in ({}, {"reduction": "none"}, {"reduction": "sum", "label_smoothing": 0.1}):
+            _check("cross_entropy", (logits, target, None), attrs)
+            _check("cross_entropy", (logits, target.to(torch.int32), weight.to(dtype)), attrs)
+        _check("cross_entropy", (logits, target, weight), {"softcap": 20.0, "return_token_accuracy": True})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rope_gqa_partial_rotary_and_fp32_tables(dtype):
     batch, seq, q_heads, k_heads, head_dim = 2, 33, 12, 4, 96
     for unsqueeze_dim, rotary_dim in ((1, 64), (2, 32), (1, None)):

@@ -46,11 +46,12 @@ def chunks_seen(monkeypatch):
 
 @pytest.fixture
 def small_chunks(device, monkeypatch):
-    """8 rows a chunk (fp32): 29 rows take four chunks, the last of 5 rows."""
+    """8 rows a chunk (fp32): 29 rows take four chunks, the last of 5 rows, on a GPU too."""
     from liger_backends.triton import _target_logprobs, fused_linear_jsd
     from liger_backends.triton import fused_linear_cross_entropy as flce
 
     monkeypatch.setitem(flce.CHUNK_BYTES, device, 8 * VOCAB * 4)
+    monkeypatch.setattr(flce, "MIN_CHUNK_ROWS", {})  # the GPU's floor on chunk rows would make one chunk
     monkeypatch.setitem(_target_logprobs.CHUNK_BYTES, device, 8 * VOCAB * 4)
     monkeypatch.setattr(fused_linear_jsd, "CHUNK_BYTES", 8 * VOCAB * 4 * 2)
 

@@ -191,7 +191,7 @@ def test_reduction_none_backward_scales_each_row(device):
     # An expanded upstream (stride 0), as loss.sum().backward() hands over.
     x = logits.detach().requires_grad_()
     liger_core.call("cross_entropy", x, target, weight, impl="triton", reduction="none")[0].sum().backward()
-    _, want = truth(logits, target, weight, torch.ones(9), reduction="none")
+    _, want = truth(logits, target, weight, torch.ones(9, device=device), reduction="none")
     assert_close("grad", x.grad, want, torch.bfloat16)
 
 
@@ -278,3 +278,23 @@ def test_reference_conformance_harness_accepts_the_operator():
     from liger_core.testing import check_conformance
 
     assert check_conformance("cross_entropy", "reference", torch.float32).passed
+
+
+def test_scaling_strides_over_a_buffer_larger_than_its_grid(device):
+    # The backward's in-place scaling runs a capped grid that strides: a buffer of two passes and a ragged tail, with
+    # a scalar factor, a factor of exactly 1 (the buffer left as it is) and one factor per row (some of them 1).
+    from liger_backends.triton import _scaling
+    from liger_backends.triton.rms_norm import sm_count
+
+    one_pass = _scaling.PROGRAMS_PER_SM * sm_count(torch.device(device)) * _scaling.BLOCK
+    rows = 7
+    cols = 2 * one_pass // rows + 13
+    generator = torch.Generator().manual_seed(8)
+    buffer = torch.randn(rows, cols, generator=generator).to(device, torch.bfloat16)
+    per_row = torch.randn(rows, generator=generator)
+    per_row[2] = 1.0
+    for factor in (torch.tensor(-1.75), torch.tensor(1.0), per_row):
+        scaled = buffer.clone()
+        assert _scaling.scale_in_place(scaled, factor.to(device)) is scaled
+        want = (buffer.float() * factor.reshape(-1, 1).to(device)).to(torch.bfloat16)
+        assert torch.equal(scaled, want)

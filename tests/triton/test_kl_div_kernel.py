@@ -132,7 +132,7 @@ def test_broadcast_upstream_gradient_is_read_as_one_value(device):
     y_pred, y_true = make((3, 41), torch.float32, device, log_target=True)
     x = y_pred.detach().requires_grad_()
     liger_core.call("kl_div", x, y_true, impl="triton", reduction="none", log_target=True).sum().backward()
-    _, want = truth(y_pred, y_true, torch.ones(3, 41), reduction="none", log_target=True, eps=1e-10)
+    _, want = truth(y_pred, y_true, torch.ones(3, 41, device=device), reduction="none", log_target=True, eps=1e-10)
     assert_close("grad y_pred", x.grad, want.to(device), torch.float32)
 
 

@@ -148,7 +148,7 @@ def test_strided_and_broadcast_upstream_gradients(gated, device, op):
     # y.sum() hands back a gradient whose strides are all zero.
     a_leaf, b_leaf = a.detach().requires_grad_(), b.detach().requires_grad_()
     liger_core.call(op, a_leaf, b_leaf, impl="triton").sum().backward()
-    _, da, db = truth(op, a, b, torch.ones(4, 6, 40))
+    _, da, db = truth(op, a, b, torch.ones(4, 6, 40, device=device))
     assert_close("da", a_leaf.grad, da, torch.float32)
     assert_close("db", b_leaf.grad, db, torch.float32)
 
