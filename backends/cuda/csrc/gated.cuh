@@ -20,12 +20,16 @@ constexpr int kUnroll = 2;
 template <int ACT>
 struct Gate;
 
-// silu(a) = a * sigmoid(a); silu'(a) = s * (1 + a * (1 - s)).
+// silu(a) = a * sigmoid(a); silu'(a) = s * (1 + a * (1 - s)). The fast exponential and division (a few ulps, as
+// Triton's exp and division): with expf and an IEEE division, the slow paths' instructions made the backward at
+// (8192, 8192) bf16 take 234 µs on an H200 instead of the 152 µs its bytes need. __fdividef returns 0 when the
+// divisor passes 2^126 (a below -87), where sigmoid(a) is below 1e-37 anyway.
 template <>
 struct Gate<kSilu> {
-  __device__ __forceinline__ static float value(float a) { return a / (1.f + expf(-a)); }
+  __device__ __forceinline__ static float sigmoid(float a) { return __fdividef(1.f, 1.f + __expf(-a)); }
+  __device__ __forceinline__ static float value(float a) { return a * sigmoid(a); }
   __device__ __forceinline__ static float value_and_grad(float a, float& grad) {
-    const float s = 1.f / (1.f + expf(-a));
+    const float s = sigmoid(a);
     grad = s * (1.f + a * (1.f - s));
     return a * s;
   }

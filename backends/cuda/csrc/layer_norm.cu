@@ -317,7 +317,8 @@ inline BackwardPlan plan_backward(int64_t rows, int64_t vectors) {
     const int64_t per_block = plan.block.y;
     const int64_t blocks_per_sm = std::max<int64_t>(1, 1024 / (static_cast<int64_t>(plan.block.x) * per_block));
     const int64_t groups_target = sms * blocks_per_sm * per_block;
-    const int64_t min_rows = std::min<int64_t>(16, ceil_div(rows, sms * per_block));
+    // At least 4 rows a group, as rms_norm's backward (see there why not 16).
+    const int64_t min_rows = std::min<int64_t>(4, ceil_div(rows, sms * per_block));
     plan.rows_per_group = std::max(ceil_div(rows, groups_target), min_rows);
     plan.rows_per_group = std::max<int64_t>(plan.rows_per_group, 1);
     plan.grid_x = ceil_div(ceil_div(rows, plan.rows_per_group), per_block);
