@@ -382,14 +382,6 @@ __global__ void __launch_bounds__(kScaleThreads)
   }
 }
 
-// The row kernels' vector width: 16 bytes when every row and buffer allows it (`aligned`: the buffers are
-// 16-byte aligned), else one element.
-template <typename T>
-int row_vector(int64_t vocab, int64_t logits_stride, bool aligned) {
-  constexpr int kVec = vector_width<T>();
-  return aligned && vocab % kVec == 0 && logits_stride % kVec == 0 ? kVec : 1;
-}
-
 template <typename T, typename WT, int VEC, bool OPTIONS>
 void launch_rows(const CrossEntropyArgs& args, cudaStream_t stream) {
   const int64_t vectors = args.vocab / VEC;
@@ -407,13 +399,16 @@ Status forward_with(const CrossEntropyArgs& args, cudaStream_t stream) {
                                                        static_cast<const WT*>(args.weight), args.stats, args.rows,
                                                        args.vocab, args.ignore_index, mean, class_total);
   if (args.rows > 0) {
-    const bool aligned = aligned16(args.logits) && aligned16(args.grad) && aligned16(args.weight);
+    // 16-byte vectors when every row and buffer allows them, else one element at a time.
+    constexpr int kVec = vector_width<T>();
+    const bool vectorised = args.vocab % kVec == 0 && args.logits_stride % kVec == 0 && aligned16(args.logits) &&
+                            aligned16(args.grad) && aligned16(args.weight);
     const bool options = args.softcap > 0.f || args.smoothing > 0.f || args.pred != nullptr || args.accuracy != nullptr;
-    const bool vectorised = row_vector<T>(args.vocab, args.logits_stride, aligned) > 1;
-    if (vectorised && options) launch_rows<T, WT, vector_width<T>(), true>(args, stream);
-    if (vectorised && !options) launch_rows<T, WT, vector_width<T>(), false>(args, stream);
-    if (!vectorised && options) launch_rows<T, WT, 1, true>(args, stream);
-    if (!vectorised && !options) launch_rows<T, WT, 1, false>(args, stream);
+    if (vectorised) {
+      options ? launch_rows<T, WT, kVec, true>(args, stream) : launch_rows<T, WT, kVec, false>(args, stream);
+    } else {
+      options ? launch_rows<T, WT, 1, true>(args, stream) : launch_rows<T, WT, 1, false>(args, stream);
+    }
   }
   if (args.reduction != kReduceNone) reduce_kernel<T, I><<<1, kStatsThreads, 0, stream>>>(args);
   return last_error();
