@@ -284,7 +284,7 @@ __device__ __forceinline__ void grad_vector(const float (&z)[VEC], int64_t col, 
   }
 }
 
-// -- the row kernels ------------------------------------------------------------------------------------------------
+// -- the row kernel -------------------------------------------------------------------------------------------------
 
 // One block per row, two sweeps over it from global memory (the second mostly from L2). Any vocabulary.
 //
