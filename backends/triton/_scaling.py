@@ -32,18 +32,22 @@ PROGRAMS_PER_SM = 4
 def scale_in_place_kernel(BUF, UPSTREAM, numel, n_cols, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
     """BUF *= upstream (a scalar, or one value per row of n_cols), in place, BLOCK elements at a time, the programs
     striding over the buffer; a block whose factors are all exactly 1 is left alone without being read."""
-    stop = numel
-    if not PER_ROW:
-        stop = tl.where(tl.load(UPSTREAM).to(tl.float32) == 1.0, 0, numel)  # the whole grid agrees: nothing to do
+    if PER_ROW:
+        stop = numel
+    else:
+        factor = tl.load(UPSTREAM).to(tl.float32)
+        stop = tl.where(factor == 1.0, 0, numel)  # the whole grid agrees: nothing to do
     step = tl.num_programs(0).to(tl.int64) * BLOCK
     for start in range(tl.program_id(0).to(tl.int64) * BLOCK, stop, step):
         offsets = start + tl.arange(0, BLOCK)
         mask = offsets < numel
         if PER_ROW:
             g = tl.load(UPSTREAM + offsets // n_cols, mask=mask, other=1.0).to(tl.float32)
+            wanted = tl.max((g != 1.0).to(tl.int32), axis=0) > 0
         else:
-            g = tl.load(UPSTREAM + tl.zeros([BLOCK], dtype=tl.int64)).to(tl.float32)
-        if tl.max((g != 1.0).to(tl.int32), axis=0) > 0:
+            g = factor
+            wanted = True
+        if wanted:
             x = tl.load(BUF + offsets, mask=mask, other=0.0).to(tl.float32)
             tl.store(BUF + offsets, cast_to(x * g, BUF.dtype.element_ty), mask=mask)
 

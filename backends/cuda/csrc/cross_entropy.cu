@@ -97,7 +97,7 @@ template <int VEC>
 __device__ __forceinline__ void softcap_vector(float (&z)[VEC], float softcap) {
   if (softcap > 0.f) {
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) z[j] = softcap * tanhf(z[j] / softcap);
+    for (int j = 0; j < VEC; ++j) z[j] = softcapped(z[j], softcap);
   }
 }
 
