@@ -1,5 +1,5 @@
 """rope in CUDA (csrc/rope.cu): Hugging Face's ``apply_rotary_pos_emb`` with ``rotate_half``, forward and backward,
-q and k (any head counts: GQA) in one launch, fp32 math.
+q and k (any head counts: GQA) in one launch each, fp32 math.
 
 q and k are read as (B, T, H, D) views through their strides, so the (B, T, H, D) memory that Hugging Face's
 ``transpose(1, 2)`` hands over is never copied; only a head dimension without unit stride is. The rotated q and k
