@@ -9,6 +9,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -399,19 +400,24 @@ Tensor embedding_backward(const Tensor& dy, const Tensor& indices, int64_t rows,
   check_indices(indices);
   check_rows(dy, "dy");
   TORCH_CHECK(dy.size(0) == indices.size(0), "liger_cuda: dy must have one row per index");
+  TORCH_CHECK(rows < std::numeric_limits<int32_t>::max(), "liger_cuda: embedding takes fewer than 2^31 - 1 rows");
   const c10::DeviceGuard guard(dy.device());
   const int64_t tokens = indices.size(0), cols = dy.size(1);
-  Tensor dw = at::zeros({rows, cols}, dy.options());
-  if (tokens == 0 || cols == 0) return dw;
-  const bool int32 = indices.scalar_type() == at::kInt;
+  Tensor dw = at::empty({rows, cols}, dy.options());  // zeroed by embedding_backward
   void* stream = current_stream(dy);
-  Tensor keys = at::empty_like(indices);
-  check(liger_cuda::embedding_keys(indices.data_ptr(), keys.data_ptr(), tokens, rows, pad, int32, stream),
-        "embedding backward");
-  auto [sorted, order] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-  const Tensor sorted_c = sorted.contiguous(), order_c = order.contiguous();
-  check(liger_cuda::embedding_backward(sorted_c.data_ptr(), order_c.data_ptr<int64_t>(), dy.data_ptr(),
-                                       dw.data_ptr(), tokens, rows, cols, dy.stride(0), int32,
+  Tensor sorted, order;
+  if (tokens > 0 && cols > 0) {
+    Tensor keys = at::empty({tokens}, indices.options().dtype(at::kInt));
+    check(liger_cuda::embedding_keys(indices.data_ptr(), keys.data_ptr<int32_t>(), tokens, rows, pad,
+                                     indices.scalar_type() == at::kInt, stream),
+          "embedding backward");
+    std::tie(sorted, order) = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    sorted = sorted.contiguous();
+    order = order.contiguous();
+  }
+  check(liger_cuda::embedding_backward(sorted.defined() ? sorted.data_ptr<int32_t>() : nullptr,
+                                       order.defined() ? order.data_ptr<int64_t>() : nullptr, dy.data_ptr(),
+                                       dw.data_ptr(), sorted.defined() ? tokens : 0, rows, cols, dy.stride(0),
                                        dtype_code(dy.scalar_type(), "dy"), stream),
         "embedding backward");
   return dw;

@@ -3,11 +3,12 @@
 // A dropped index (the padding row, or one outside [0, N)) gives a zero row and no gradient; its row address is
 // never formed. Forward copies rows bit for bit, VEC elements per access, a few tokens per block when rows are short.
 //
-// Backward: `embedding_keys` maps each token to its index, or to N when dropped; the binding sorts the keys stably
-// (torch.sort: dropped tokens go last, equal indices keep token order); then block (p, j) of
-// `embedding_backward_kernel`, if sorted position p starts a run of equal kept keys, sums the run's gradient rows
-// over column chunk j in fp32, in token order, and writes the weight-gradient row once, rounded once. No atomics:
-// the same bits on every run, however often an index repeats.
+// Backward: `embedding_keys` maps each token to its index, or to N when dropped, as int32 keys (N < 2^31 - 1: half
+// the radix passes of int64 keys); the binding sorts the keys stably (torch.sort: dropped tokens go last, equal
+// indices keep token order); `embedding_backward` zeroes the weight gradient with a memset and then block (p, j) of
+// its kernel, if sorted position p starts a run of equal kept keys, sums the run's gradient rows over column chunk j
+// in fp32, in token order, and writes the weight-gradient row once, rounded once. No atomics: the same bits on every
+// run, however often an index repeats.
 #include "common.cuh"
 
 namespace liger_cuda {
@@ -46,16 +47,17 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename I>
 __global__ void __launch_bounds__(kThreads)
-    keys_kernel(const I* __restrict__ indices, I* __restrict__ keys, int64_t tokens, int64_t rows, int64_t pad) {
+    keys_kernel(const I* __restrict__ indices, int32_t* __restrict__ keys, int64_t tokens, int64_t rows,
+                int64_t pad) {
   const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (token >= tokens) return;
   const I index = indices[token];
-  keys[token] = kept(index, rows, pad) ? index : static_cast<I>(rows);
+  keys[token] = static_cast<int32_t>(kept(index, rows, pad) ? static_cast<int64_t>(index) : rows);
 }
 
-template <typename T, typename I, int VEC>
+template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    backward_kernel(const I* __restrict__ sorted, const int64_t* __restrict__ order, const T* __restrict__ dy,
+    backward_kernel(const int32_t* __restrict__ sorted, const int64_t* __restrict__ order, const T* __restrict__ dy,
                     T* __restrict__ dweight, int64_t tokens, int64_t rows, int64_t cols, int64_t dy_stride) {
   const int64_t start = blockIdx.x;
   const int64_t key = static_cast<int64_t>(sorted[start]);
@@ -101,15 +103,15 @@ Status forward_with(const void* indices, const void* weight, void* y, int64_t to
   return last_error();
 }
 
-template <typename T, typename I, int VEC>
-Status backward_with(const void* sorted, const int64_t* order, const void* dy, void* dweight, int64_t tokens,
+template <typename T, int VEC>
+Status backward_with(const int32_t* sorted, const int64_t* order, const void* dy, void* dweight, int64_t tokens,
                      int64_t rows, int64_t cols, int64_t dy_stride, cudaStream_t stream) {
   const int64_t vectors = cols / VEC;
   const int64_t tx = std::min<int64_t>(kThreads, ceil_div(ceil_div(vectors, kCached), 32) * 32);
   const int64_t chunks = ceil_div(vectors, tx * kCached);
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(chunks));
-  backward_kernel<T, I, VEC><<<grid, static_cast<unsigned>(tx), 0, stream>>>(
-      static_cast<const I*>(sorted), order, static_cast<const T*>(dy), static_cast<T*>(dweight), tokens, rows, cols,
+  backward_kernel<T, VEC><<<grid, static_cast<unsigned>(tx), 0, stream>>>(
+      sorted, order, static_cast<const T*>(dy), static_cast<T*>(dweight), tokens, rows, cols,
       dy_stride);
   return last_error();
 }
@@ -136,32 +138,33 @@ Status embedding_forward(const void* indices, const void* weight, void* y, int64
   });
 }
 
-Status embedding_keys(const void* indices, void* keys, int64_t tokens, int64_t rows, int64_t pad, bool indices_int32,
-                      void* stream) {
+Status embedding_keys(const void* indices, int32_t* keys, int64_t tokens, int64_t rows, int64_t pad,
+                      bool indices_int32, void* stream) {
   if (tokens == 0) return nullptr;
   return dispatch_index(indices_int32, [&](auto i) -> Status {
     using I = decltype(i);
     keys_kernel<I><<<static_cast<unsigned>(ceil_div(tokens, kThreads)), kThreads, 0, as_stream(stream)>>>(
-        static_cast<const I*>(indices), static_cast<I*>(keys), tokens, rows, pad);
+        static_cast<const I*>(indices), keys, tokens, rows, pad);
     return last_error();
   });
 }
 
-Status embedding_backward(const void* sorted_keys, const int64_t* order, const void* dy, void* dweight,
-                          int64_t tokens, int64_t rows, int64_t cols, int64_t dy_stride, bool indices_int32,
-                          int dtype, void* stream) {
-  if (tokens == 0 || cols == 0) return nullptr;
+Status embedding_backward(const int32_t* sorted_keys, const int64_t* order, const void* dy, void* dweight,
+                          int64_t tokens, int64_t rows, int64_t cols, int64_t dy_stride, int dtype, void* stream) {
+  if (rows == 0 || cols == 0) return nullptr;
   return dispatch_dtype(dtype, [&](auto t) -> Status {
     using T = decltype(t);
-    return dispatch_index(indices_int32, [&](auto i) -> Status {
-      using I = decltype(i);
-      constexpr int kVec = vector_width<T>();
-      if (cols % kVec == 0 && dy_stride % kVec == 0 && aligned16(dy) && aligned16(dweight))
-        return backward_with<T, I, kVec>(sorted_keys, order, dy, dweight, tokens, rows, cols, dy_stride,
-                                         as_stream(stream));
-      return backward_with<T, I, 1>(sorted_keys, order, dy, dweight, tokens, rows, cols, dy_stride,
+    // Every row the kernel skips (no token) must read zero. For the 1 GB of a (128256, 4096) bf16 table on an H200
+    // a memset takes 237 us, torch's fill kernel (at::zeros) 309 (benchmarks/results/2026-11-29-h200-s9-gpu-time-*).
+    const cudaError_t zeroed =
+        cudaMemsetAsync(dweight, 0, static_cast<size_t>(rows) * cols * sizeof(T), as_stream(stream));
+    if (zeroed != cudaSuccess) return cudaGetErrorString(zeroed);
+    if (tokens == 0) return nullptr;
+    constexpr int kVec = vector_width<T>();
+    if (cols % kVec == 0 && dy_stride % kVec == 0 && aligned16(dy) && aligned16(dweight))
+      return backward_with<T, kVec>(sorted_keys, order, dy, dweight, tokens, rows, cols, dy_stride,
                                     as_stream(stream));
-    });
+    return backward_with<T, 1>(sorted_keys, order, dy, dweight, tokens, rows, cols, dy_stride, as_stream(stream));
   });
 }
 

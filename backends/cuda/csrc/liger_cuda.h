@@ -100,13 +100,12 @@ Status cross_entropy_scale_rows(void* grad, const float* upstream, int64_t numel
 // indices (tokens,) contiguous; weight (rows, cols) with row stride; y (tokens, cols) contiguous. pad < 0: none.
 Status embedding_forward(const void* indices, const void* weight, void* y, int64_t tokens, int64_t rows, int64_t cols,
                          int64_t weight_stride, int64_t pad, bool indices_int32, int dtype, void* stream);
-// keys (tokens,) of the indices' type: the index where kept, else `rows` (sorted past every real row).
-Status embedding_keys(const void* indices, void* keys, int64_t tokens, int64_t rows, int64_t pad, bool indices_int32,
-                      void* stream);
+// keys (tokens,) int32: the index where kept, else `rows` (sorted past every real row); rows < 2^31 - 1.
+Status embedding_keys(const void* indices, int32_t* keys, int64_t tokens, int64_t rows, int64_t pad,
+                      bool indices_int32, void* stream);
 // sorted_keys: keys sorted (stably); order (int64): the token of each sorted position. dweight (rows, cols)
-// contiguous and zeroed; each run of equal kept keys is summed in fp32, in token order, and written once.
-Status embedding_backward(const void* sorted_keys, const int64_t* order, const void* dy, void* dweight,
-                          int64_t tokens, int64_t rows, int64_t cols, int64_t dy_stride, bool indices_int32,
-                          int dtype, void* stream);
+// contiguous, zeroed here; each run of equal kept keys is summed in fp32, in token order, and written once.
+Status embedding_backward(const int32_t* sorted_keys, const int64_t* order, const void* dy, void* dweight,
+                          int64_t tokens, int64_t rows, int64_t cols, int64_t dy_stride, int dtype, void* stream);
 
 }  // namespace liger_cuda
