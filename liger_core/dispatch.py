@@ -372,14 +372,16 @@ def _autocast_off(inputs: tuple):
 
 
 def run_kernel(spec: OpSpec, backend: str, inputs: tuple, attrs: dict) -> tuple:
-    """Run one backend's kernel, with autocast off (`_autocast_off`): directly when no gradient is needed or autograd
-    differentiates its forward, otherwise through the generic autograd bridge that calls its backward."""
+    """Run one backend's kernel, with autocast off (`_autocast_off`): directly when no gradient is needed, when autograd
+    differentiates its forward, or when its forward records its own autograd node (`eager_autograd`, outside
+    torch.compile); otherwise through the generic autograd bridge that calls its backward."""
     kernel = get_registry().kernel(spec.name, backend)
     needs_grad = torch.is_grad_enabled() and any(
         inputs[i] is not None and inputs[i].requires_grad for i in spec.differentiable_inputs
     )
     with _autocast_off(inputs):
-        if kernel.backward is None or not needs_grad:
+        records_own_graph = kernel.eager_autograd and not torch.compiler.is_compiling()
+        if kernel.backward is None or not needs_grad or records_own_graph:
             outputs, _ = kernel.forward(inputs, attrs, needs_grad)
             return tuple(outputs)
         return KernelFunction.apply(spec.name, backend, tuple(attrs.values()), *inputs)

@@ -186,6 +186,10 @@ class KernelSpec(_Frozen):
     devices: tuple[str, ...] = ("cpu", "cuda")
     min_capability: tuple[int, int] | None = None  # CUDA compute capability, e.g. (8, 0)
     mutates: tuple[str, ...] = ()  # inputs it may write into, only under API.md's in-place rule
+    # When gradients are needed outside torch.compile, `forward` itself records the autograd node (a C++ autograd
+    # function: the backward then runs without Python) and the dispatcher calls it directly; under torch.compile, and
+    # for every other caller of `backward`, the generic bridge still runs `forward` and `backward` as usual.
+    eager_autograd: bool = False
 
 
 def _check_reference(value: str, what: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import compiling, dtype_reasons, ext, rows
+from ._common import compiling, dtype_reasons, ext, records_own_graph, rows
 
 ACTIVATIONS = {"swiglu": 0, "geglu": 1}
 
@@ -44,8 +44,12 @@ def make_forward(op: str):
         a, b = inputs
         shape = a.shape
         if a.numel() == 0:
+            if records_own_graph(needs_grad):
+                return (a * b,), None  # no elements: any differentiable product gives the (empty) gradients
             return (torch.empty(shape, dtype=a.dtype, device=a.device),), ((a, b, shape) if needs_grad else None)
         a2d, b2d = rows(a, shape[-1]), rows(b, shape[-1])
+        if records_own_graph(needs_grad):
+            return (ext().gated_autograd(a2d, b2d, activation).view(shape),), None
         if compiling():
             y = gated_forward_op(a2d, b2d, activation)
         else:

@@ -5,4 +5,6 @@ from __future__ import annotations
 from ._common import cuda_kernel
 from ._gated import make_backward, make_forward, make_supports
 
-KERNEL = cuda_kernel("geglu", make_forward("geglu"), make_backward("geglu"), make_supports("geglu"))
+KERNEL = cuda_kernel(
+    "geglu", make_forward("geglu"), make_backward("geglu"), make_supports("geglu"), eager_autograd=True
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import MAX_COLS, compiling, cuda_kernel, dtype_reasons, ext, rows
+from ._common import MAX_COLS, compiling, cuda_kernel, dtype_reasons, ext, records_own_graph, rows
 
 
 @torch.library.custom_op("liger_cuda::layer_norm_forward", mutates_args=())
@@ -47,6 +47,8 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     x, weight, bias = inputs
     shape = x.shape
     x2d = rows(x, shape[-1])
+    if records_own_graph(needs_grad):
+        return (ext().layer_norm_autograd(x2d, weight, bias, attrs["eps"]).view(shape),), None
     if compiling():
         y, mean, rstd = layer_norm_forward_op(x2d, weight, bias, attrs["eps"])
     else:
@@ -76,4 +78,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = cuda_kernel("layer_norm", forward, backward, supports)
+KERNEL = cuda_kernel("layer_norm", forward, backward, supports, eager_autograd=True)

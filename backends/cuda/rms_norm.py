@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import MAX_COLS, compiling, cuda_kernel, dtype_reasons, ext, rows
+from ._common import MAX_COLS, compiling, cuda_kernel, dtype_reasons, ext, records_own_graph, rows
 
 CASTING_MODES = {"llama": 0, "gemma": 1, "none": 2}
 
@@ -46,6 +46,9 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     shape = x.shape
     x2d = rows(x, shape[-1])
     mode = CASTING_MODES[attrs["casting_mode"]]
+    if records_own_graph(needs_grad):
+        y = ext().rms_norm_autograd(x2d, weight, attrs["eps"], attrs["offset"], mode)
+        return (y.view(shape),), None
     if compiling():
         y, rstd = rms_norm_forward_op(x2d, weight, attrs["eps"], attrs["offset"], mode)
     else:
@@ -77,4 +80,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = cuda_kernel("rms_norm", forward, backward, supports)
+KERNEL = cuda_kernel("rms_norm", forward, backward, supports, eager_autograd=True)

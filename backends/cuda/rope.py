@@ -13,7 +13,7 @@ import torch
 
 from liger_core.operators.rope import rotated_width
 
-from ._common import compiling, cuda_kernel, dtype_reasons, ext
+from ._common import compiling, cuda_kernel, dtype_reasons, ext, records_own_graph
 
 MAX_HEAD_DIM = 1 << 16
 
@@ -62,6 +62,9 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     # No gradient to the rotary tables (API.md), even when the caller's require one.
     cos, sin = cos.detach(), sin.detach()
     q_in, k_in = _unit_feature_stride(q), _unit_feature_stride(k)
+    if records_own_graph(needs_grad):
+        outputs = ext().rope_autograd(q_in, k_in, cos, sin, unsqueeze_dim, rotary_dim, q.requires_grad, k.requires_grad)
+        return tuple(outputs), None
     if compiling():
         q_out, k_out = rope_forward_op(q_in, k_in, cos, sin, unsqueeze_dim, rotary_dim)
     else:
@@ -106,4 +109,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = cuda_kernel("rope", forward, backward, supports)
+KERNEL = cuda_kernel("rope", forward, backward, supports, eager_autograd=True)

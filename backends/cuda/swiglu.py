@@ -5,4 +5,6 @@ from __future__ import annotations
 from ._common import cuda_kernel
 from ._gated import make_backward, make_forward, make_supports
 
-KERNEL = cuda_kernel("swiglu", make_forward("swiglu"), make_backward("swiglu"), make_supports("swiglu"))
+KERNEL = cuda_kernel(
+    "swiglu", make_forward("swiglu"), make_backward("swiglu"), make_supports("swiglu"), eager_autograd=True
+)
