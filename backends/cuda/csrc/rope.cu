@@ -12,9 +12,9 @@
 //
 // Measured on an H200 (GPU time of one forward, bf16 q (4, 32, 2048, 128) and k (4, 8, 2048, 128) as Hugging Face's
 // transposed views; benchmarks/results/2026-11-29-h200-s9-cuda-rope.json): 50.6 us, 81 % of a copy of the same bytes
-// and level with the Triton kernel. The first version, q and k in one launch (each thread chose its tensor per head,
-// which kept both tensors' addresses and strides live) in blocks of 256, took 91 us; issuing several heads' loads
-// per thread before any store was tried and was slower (register pressure cut the threads per SM).
+// and level with the Triton kernel. The first version (q and k in one launch, each thread choosing its tensor per
+// head, blocks of 256 threads) took 91 us. Issuing the loads of 2-8 heads per thread before any store was tried too
+// and was slower, 55.9-60.8 us: those builds need 96-165 registers a thread, so fewer threads fit on an SM.
 #include "common.cuh"
 
 namespace liger_cuda {
