@@ -187,8 +187,8 @@ class KernelSpec(_Frozen):
     min_capability: tuple[int, int] | None = None  # CUDA compute capability, e.g. (8, 0)
     mutates: tuple[str, ...] = ()  # inputs it may write into, only under API.md's in-place rule
     # When gradients are needed outside torch.compile, `forward` itself records the autograd node (a C++ autograd
-    # function: the backward then runs without Python) and the dispatcher calls it directly; under torch.compile, and
-    # for every other caller of `backward`, the generic bridge still runs `forward` and `backward` as usual.
+    # function: the backward then runs without Python) and the dispatcher calls it directly. Under torch.compile the
+    # generic bridge runs `forward` (grad mode off there, so it returns its saved state) and `backward` as usual.
     eager_autograd: bool = False
 
 

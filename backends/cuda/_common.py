@@ -48,11 +48,12 @@ def compiling() -> bool:
 
 def records_own_graph(needs_grad: bool) -> bool:
     """Whether a forward with ``eager_autograd`` calls the extension's C++ autograd function (csrc/bindings.cpp):
-    eagerly, when gradients are needed. The backward then runs on autograd's device thread without Python, which cut
-    the host time of a small rms_norm forward+backward from 340 to 131 us on an H200's host
-    (benchmarks/results/2026-11-29-h200-s9-host-autograd.json). Under torch.compile the custom ops and liger_core's
-    bridge serve instead: Dynamo traces Python autograd functions, not C++ ones."""
-    return needs_grad and not torch.compiler.is_compiling()
+    eagerly, when gradients are needed and autograd is recording. The backward then runs on autograd's device thread
+    without Python, which cut the host time of a small rms_norm forward+backward from 340 to 131 us on an H200's host
+    (benchmarks/results/2026-11-29-h200-s9-host-autograd.json). Inside liger_core's bridge grad mode is off, so a
+    forward the bridge runs (under torch.compile: Dynamo traces Python autograd functions, not C++ ones) returns its
+    saved state for `backward` as every other kernel does."""
+    return needs_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 def rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:

@@ -277,3 +277,14 @@ def _torch_include_paths() -> list[str]:
     except OSError:
         root = Path(torch.__file__).parent / "include"
         return [str(root), str(root / "torch" / "csrc" / "api" / "include")]
+
+
+def test_a_forward_records_its_own_graph_only_where_autograd_records():
+    """The dispatcher calls an eager_autograd forward directly only eagerly with gradients needed; inside the bridge
+    (grad mode off) the same forward must return its saved state instead."""
+    from liger_backends.cuda._common import records_own_graph
+
+    assert records_own_graph(True)
+    assert not records_own_graph(False)
+    with torch.no_grad():
+        assert not records_own_graph(True)
