@@ -117,6 +117,20 @@ __device__ __forceinline__ float row_sum(float v, float* scratch) {
   return warp_sum(lane < warps ? scratch[lane] : 0.f);
 }
 
+// Two sums over the threads of one row at once: one pair of barriers where two row_sum calls take two. Same contract
+// as row_sum, with 32 float2 of shared memory.
+__device__ __forceinline__ float2 row_sum2(float a, float b, float2* scratch) {
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (blockDim.x == 32) return make_float2(a, b);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = make_float2(a, b);
+  __syncthreads();
+  const float2 mine = lane < warps ? scratch[lane] : make_float2(0.f, 0.f);
+  return make_float2(warp_sum(mine.x), warp_sum(mine.y));
+}
+
 // Sum over the whole block (any multiple of 32 threads, 1-D). Same contract as row_sum.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
   v = warp_sum(v);
@@ -132,11 +146,17 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 constexpr int kSumColumns = 32;
 constexpr int kSumSlices = 16;
 
-// out[c] = sum over p of partial[p * cols + c], in a fixed order. Block (kSumColumns, kSumSlices).
+// out[c] = sum over p of partial[p * cols + c], in a fixed order. Block (kSumColumns, kSumSlices). With blockIdx.y
+// == 1, the (partial_rows, cols) block that follows in `partial` is summed into second_out: layer_norm's dW and dB in
+// one launch.
 template <typename W>
 __global__ void sum_partial_rows_kernel(const float* __restrict__ partial, int64_t partial_rows, int64_t cols,
-                                        W* __restrict__ out) {
+                                        W* __restrict__ out, W* __restrict__ second_out) {
   __shared__ float tile[kSumSlices][kSumColumns + 1];
+  if (blockIdx.y == 1) {
+    partial += partial_rows * cols;
+    out = second_out;
+  }
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kSumColumns + threadIdx.x;
   float sum = 0.f;
   if (col < cols) {
@@ -152,12 +172,13 @@ __global__ void sum_partial_rows_kernel(const float* __restrict__ partial, int64
   }
 }
 
+// second_out: nullptr, or where the sums of the next partial_rows rows of `partial` go.
 template <typename W>
 inline void launch_sum_partial_rows(const float* partial, int64_t partial_rows, int64_t cols, W* out,
-                                    cudaStream_t stream) {
+                                    cudaStream_t stream, W* second_out = nullptr) {
   const dim3 block(kSumColumns, kSumSlices);
-  const unsigned grid = static_cast<unsigned>((cols + kSumColumns - 1) / kSumColumns);
-  sum_partial_rows_kernel<W><<<grid, block, 0, stream>>>(partial, partial_rows, cols, out);
+  const dim3 grid(static_cast<unsigned>((cols + kSumColumns - 1) / kSumColumns), second_out != nullptr ? 2 : 1);
+  sum_partial_rows_kernel<W><<<grid, block, 0, stream>>>(partial, partial_rows, cols, out, second_out);
 }
 
 // -- launch helpers -------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 //
 // Backward, with n = (x - mean) * rstd and dn = dy * w: dx = rstd * (dn - mean(dn) - n * mean(dn * n)),
 // dw = sum over rows of dy * n, db = sum over rows of dy. Fused and chunked paths and the deterministic dw/db
-// partial rows are as in rms_norm.cu.
+// partial rows are as in rms_norm.cu, whose comments also say how the fused backward's layout was chosen.
 #include "common.cuh"
 
 namespace liger_cuda {
@@ -14,13 +14,28 @@ namespace {
 
 constexpr int kCached = 4;
 constexpr int kForwardMaxThreads = 1024;
-constexpr int kBackwardMaxThreads = 256;  // dw and db partials, x and dy of kCached vectors: many registers
+// The fused backward (rows of at most kBackwardMaxThreads * backward_cached<VEC>() vectors): elements of a row per
+// thread, the resident threads per SM its plan aims at, and the fewest rows a row group walks (see rms_norm.cu).
+constexpr int kBackwardElements = 8;
+constexpr int kBackwardMaxThreads = 1024;
+// Unvectorised rows (an odd hidden size) keep the narrower blocks of before: a 4095-wide bf16 row took 118 µs fused on
+// 1024 threads against 87 (layer_norm) and 77 (rms_norm) through the chunked path.
+constexpr int kUnvectorisedBackwardMaxThreads = 256;
+constexpr int kBackwardThreadsPerSm = 1024;
+constexpr int kBackwardMinRows = 4;
 constexpr int kRowThreads = 512;
 constexpr int kChunkThreads = 256;
 constexpr int kWarpRows = 4;
 
-inline dim3 row_block(int64_t vectors, int max_threads) {
-  int64_t threads = ceil_div(ceil_div(vectors, kCached), 32) * 32;
+// Vectors of VEC elements a thread keeps of each row in the fused backward.
+template <int VEC>
+constexpr int backward_cached() {
+  // At most 4: unvectorised rows (VEC == 1, an odd hidden size) would spill registers with 8.
+  return kBackwardElements / VEC > 4 ? 4 : (kBackwardElements / VEC > 1 ? kBackwardElements / VEC : 1);
+}
+
+inline dim3 row_block(int64_t vectors, int max_threads, int cached = kCached) {
+  int64_t threads = ceil_div(ceil_div(vectors, cached), 32) * 32;
   threads = threads < 32 ? 32 : (threads > max_threads ? max_threads : threads);
   return dim3(static_cast<unsigned>(threads), threads == 32 ? kWarpRows : 1);
 }
@@ -124,33 +139,33 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
   }
 }
 
-// Fused backward: row group g walks rows [g * rows_per_group, ...); its dw (and db) partial sums go to row g of
-// dw_partial (and db_partial, nullptr without a bias).
-template <typename T, typename W, int VEC>
+// Fused backward: row group g walks rows [g * rows_per_group, ...), CACHED vectors of each row per thread; its dw
+// (and db) partial sums go to row g of dw_partial (and db_partial, nullptr without a bias).
+template <typename T, typename W, int VEC, int CACHED>
 __global__ void __launch_bounds__(kBackwardMaxThreads)
     layer_norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
                                const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
                                float* __restrict__ dw_partial, float* __restrict__ db_partial, int64_t rows,
                                int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t rows_per_group) {
-  __shared__ float scratch[32];
+  __shared__ float2 scratch[32];
   const int tid = threadIdx.x, threads = blockDim.x;
   const int64_t vectors = cols / VEC;
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t first = group * rows_per_group;
   const int64_t last = first + rows_per_group < rows ? first + rows_per_group : rows;
   const float inv_cols = 1.f / static_cast<float>(cols);
-  float acc_w[kCached][VEC], acc_b[kCached][VEC];
+  float acc_w[CACHED][VEC], acc_b[CACHED][VEC];
 #pragma unroll
-  for (int i = 0; i < kCached; ++i)
+  for (int i = 0; i < CACHED; ++i)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc_w[i][j] = acc_b[i][j] = 0.f;
 
   for (int64_t row = first; row < last; ++row) {
     const float mu = mean[row], r = rstd[row];
-    Pack<T, VEC> xs[kCached], dys[kCached];
+    Pack<T, VEC> xs[CACHED], dys[CACHED];
     float sum_dn = 0.f, sum_dn_n = 0.f;
 #pragma unroll
-    for (int i = 0; i < kCached; ++i) {
+    for (int i = 0; i < CACHED; ++i) {
       const int64_t v = static_cast<int64_t>(i) * threads + tid;
       if (v < vectors) {
         xs[i] = load_pack<VEC>(x + row * x_stride + v * VEC);
@@ -165,10 +180,10 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
         }
       }
     }
-    const float mean_dn = row_sum(sum_dn, scratch) * inv_cols;
-    const float mean_dn_n = row_sum(sum_dn_n, scratch) * inv_cols;
+    const float2 sums = row_sum2(sum_dn, sum_dn_n, scratch);
+    const float mean_dn = sums.x * inv_cols, mean_dn_n = sums.y * inv_cols;
 #pragma unroll
-    for (int i = 0; i < kCached; ++i) {
+    for (int i = 0; i < CACHED; ++i) {
       const int64_t v = static_cast<int64_t>(i) * threads + tid;
       if (v < vectors) {
         float w[VEC], out[VEC];
@@ -186,7 +201,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
     }
   }
 #pragma unroll
-  for (int i = 0; i < kCached; ++i) {
+  for (int i = 0; i < CACHED; ++i) {
     const int64_t v = static_cast<int64_t>(i) * threads + tid;
     if (v < vectors) {
       store_floats<VEC>(dw_partial + group * cols + v * VEC, acc_w[i]);
@@ -308,17 +323,17 @@ struct BackwardPlan {
   int64_t grid_x, grid_y, rows_per_group, partial_rows;
 };
 
-inline BackwardPlan plan_backward(int64_t rows, int64_t vectors) {
+inline BackwardPlan plan_backward(int64_t rows, int64_t vectors, int cached, int max_threads) {
   const int64_t sms = sm_count();
   BackwardPlan plan{};
-  if (vectors <= static_cast<int64_t>(kBackwardMaxThreads) * kCached) {
+  if (vectors <= static_cast<int64_t>(max_threads) * cached) {
     plan.fused = true;
-    plan.block = row_block(vectors, kBackwardMaxThreads);
+    plan.block = row_block(vectors, max_threads, cached);
     const int64_t per_block = plan.block.y;
-    const int64_t blocks_per_sm = std::max<int64_t>(1, 1024 / (static_cast<int64_t>(plan.block.x) * per_block));
+    const int64_t threads = static_cast<int64_t>(plan.block.x) * per_block;
+    const int64_t blocks_per_sm = std::max<int64_t>(1, kBackwardThreadsPerSm / threads);
     const int64_t groups_target = sms * blocks_per_sm * per_block;
-    // At least 4 rows a group, as rms_norm's backward (see there why not 16).
-    const int64_t min_rows = std::min<int64_t>(4, ceil_div(rows, sms * per_block));
+    const int64_t min_rows = std::min<int64_t>(kBackwardMinRows, ceil_div(rows, sms * per_block));
     plan.rows_per_group = std::max(ceil_div(rows, groups_target), min_rows);
     plan.rows_per_group = std::max<int64_t>(plan.rows_per_group, 1);
     plan.grid_x = ceil_div(ceil_div(rows, plan.rows_per_group), per_block);
@@ -340,7 +355,9 @@ template <typename T, typename W, int VEC>
 Status backward_with(const void* dy, const void* x, const void* weight, const float* mean, const float* rstd, void* dx,
                      void* dweight, void* dbias, float* workspace, int64_t* workspace_floats, int64_t rows,
                      int64_t cols, int64_t dy_stride, int64_t x_stride, cudaStream_t stream) {
-  const BackwardPlan plan = plan_backward(rows, cols / VEC);
+  constexpr int kFusedCached = backward_cached<VEC>();
+  const int max_threads = VEC == 1 ? kUnvectorisedBackwardMaxThreads : kBackwardMaxThreads;
+  const BackwardPlan plan = plan_backward(rows, cols / VEC, kFusedCached, max_threads);
   const bool has_bias = dbias != nullptr;
   const int64_t partial_floats = plan.partial_rows * cols;
   if (workspace == nullptr) {
@@ -353,9 +370,11 @@ Status backward_with(const void* dy, const void* x, const void* weight, const fl
   const T* x_t = static_cast<const T*>(x);
   const W* w_t = static_cast<const W*>(weight);
   if (plan.fused) {
-    layer_norm_backward_kernel<T, W, VEC><<<static_cast<unsigned>(plan.grid_x), plan.block, 0, stream>>>(
-        dy_t, x_t, w_t, mean, rstd, static_cast<T*>(dx), dw_partial, db_partial, rows, cols, dy_stride, x_stride,
-        plan.rows_per_group);
+    layer_norm_backward_kernel<T, W, VEC, kFusedCached>
+        <<<static_cast<unsigned>(plan.grid_x), plan.block, 0, stream>>>(dy_t, x_t, w_t, mean, rstd,
+                                                                         static_cast<T*>(dx), dw_partial, db_partial,
+                                                                         rows, cols, dy_stride, x_stride,
+                                                                         plan.rows_per_group);
   } else {
     float* row_means = workspace + partial_floats * (has_bias ? 2 : 1);
     layer_norm_row_means_kernel<T, W, VEC><<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
@@ -365,8 +384,9 @@ Status backward_with(const void* dy, const void* x, const void* weight, const fl
         dy_t, x_t, w_t, mean, rstd, row_means, static_cast<T*>(dx), dw_partial, db_partial, rows, cols, dy_stride,
         x_stride, plan.rows_per_group);
   }
-  launch_sum_partial_rows<W>(dw_partial, plan.partial_rows, cols, static_cast<W*>(dweight), stream);
-  if (has_bias) launch_sum_partial_rows<W>(db_partial, plan.partial_rows, cols, static_cast<W*>(dbias), stream);
+  // db_partial follows dw_partial in the workspace: one launch sums both.
+  launch_sum_partial_rows<W>(dw_partial, plan.partial_rows, cols, static_cast<W*>(dweight), stream,
+                             has_bias ? static_cast<W*>(dbias) : nullptr);
   return last_error();
 }
 

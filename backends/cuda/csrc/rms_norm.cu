@@ -6,7 +6,7 @@
 // registers; a longer forward row is read twice (the second pass mostly from L2).
 //
 // Backward. dx = rstd * (dn - n * mean(dn * n)) with n = x * rstd and dn = dy * (offset + w); dw = sum over rows of
-// dy * n. Fused path (rows of at most kBackwardMaxThreads * kCached vectors): each row group (warp or block) walks
+// dy * n. Fused path (rows of at most kWideBackwardMaxThreads * kWideBackwardCached vectors): each row group walks
 // a contiguous range of rows, keeps its dw partial sums in registers and writes them once to its own row of an fp32
 // workspace. Chunked path (longer rows): a first kernel computes mean(dn * n) per row, then a 2-D grid (row blocks x
 // column chunks) writes dx and one dw partial row per row block. Either way a second small kernel sums the partial
@@ -21,14 +21,33 @@ namespace {
 
 constexpr int kCached = 4;  // vectors of a row a thread keeps in registers
 constexpr int kForwardMaxThreads = 1024;
-constexpr int kBackwardMaxThreads = 512;
+// The fused backward: elements of a row per thread and threads of a block, for rows of at most kBackwardMaxThreads *
+// kBackwardElements elements, and vectors per thread and threads for wider ones; the resident threads per SM its
+// plan aims at, and the fewest rows a row group walks (plan_backward).
+constexpr int kBackwardElements = 8;
+constexpr int kBackwardMaxThreads = 1024;
+// Unvectorised rows (an odd hidden size) keep the narrower blocks of before: a 4095-wide bf16 row took 118 µs fused on
+// 1024 threads against 87 (layer_norm) and 77 (rms_norm) through the chunked path.
+constexpr int kUnvectorisedBackwardMaxThreads = 256;
+constexpr int kWideBackwardCached = 4;
+constexpr int kWideBackwardMaxThreads = 512;
+constexpr int kWideBackwardMinRows = 16;
+constexpr int kBackwardThreadsPerSm = 1024;
+constexpr int kBackwardMinRows = 4;
 constexpr int kRowDotThreads = 512;
 constexpr int kChunkThreads = 256;
 constexpr int kWarpRows = 4;  // rows per block when a warp holds a row
 
 // (threads per row, rows per block) for rows of `vectors` vectors.
-inline dim3 row_block(int64_t vectors, int max_threads) {
-  int64_t threads = ceil_div(ceil_div(vectors, kCached), 32) * 32;
+// Vectors of VEC elements a thread keeps of each row in the fused backward of rows up to kBackwardMaxThreads threads.
+template <int VEC>
+constexpr int backward_cached() {
+  // At most 4: unvectorised rows (VEC == 1, an odd hidden size) would spill registers with 8.
+  return kBackwardElements / VEC > 4 ? 4 : (kBackwardElements / VEC > 1 ? kBackwardElements / VEC : 1);
+}
+
+inline dim3 row_block(int64_t vectors, int max_threads, int cached = kCached) {
+  int64_t threads = ceil_div(ceil_div(vectors, cached), 32) * 32;
   threads = threads < 32 ? 32 : (threads > max_threads ? max_threads : threads);
   return dim3(static_cast<unsigned>(threads), threads == 32 ? kWarpRows : 1);
 }
@@ -128,10 +147,10 @@ __global__ void __launch_bounds__(kForwardMaxThreads)
   }
 }
 
-// Fused backward: row group g (a warp, or the block) walks rows [g * rows_per_group, ...) and writes its dw partial
-// sums to row g of dw_partial (nullptr without a weight).
-template <typename T, typename W, int VEC>
-__global__ void __launch_bounds__(kBackwardMaxThreads)
+// Fused backward: row group g (a warp, or the block) walks rows [g * rows_per_group, ...), CACHED vectors of each row
+// per thread, and writes its dw partial sums to row g of dw_partial (nullptr without a weight).
+template <typename T, typename W, int VEC, int CACHED, int MAX_THREADS>
+__global__ void __launch_bounds__(MAX_THREADS)
     rms_norm_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ weight,
                              const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_partial,
                              int64_t rows, int64_t cols, int64_t dy_stride, int64_t x_stride, int64_t rows_per_group,
@@ -142,19 +161,19 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
   const int64_t group = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   const int64_t first = group * rows_per_group;
   const int64_t last = first + rows_per_group < rows ? first + rows_per_group : rows;
-  float acc[kCached][VEC];
+  float acc[CACHED][VEC];
 #pragma unroll
-  for (int i = 0; i < kCached; ++i)
+  for (int i = 0; i < CACHED; ++i)
 #pragma unroll
     for (int j = 0; j < VEC; ++j) acc[i][j] = 0.f;
 
   // In block mode (blockDim.y == 1) every thread of the block walks the same rows, as row_sum requires.
   for (int64_t row = first; row < last; ++row) {
     const float r = rstd[row];
-    Pack<T, VEC> xs[kCached], dys[kCached];
+    Pack<T, VEC> xs[CACHED], dys[CACHED];
     float dot = 0.f;  // sum of dn * x
 #pragma unroll
-    for (int i = 0; i < kCached; ++i) {
+    for (int i = 0; i < CACHED; ++i) {
       const int64_t v = static_cast<int64_t>(i) * threads + tid;
       if (v < vectors) {
         xs[i] = load_pack<VEC>(x + row * x_stride + v * VEC);
@@ -167,7 +186,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
     }
     const float mean_dn_n = row_sum(dot, scratch) * r / static_cast<float>(cols);
 #pragma unroll
-    for (int i = 0; i < kCached; ++i) {
+    for (int i = 0; i < CACHED; ++i) {
       const int64_t v = static_cast<int64_t>(i) * threads + tid;
       if (v < vectors) {
         float w[VEC], out[VEC];
@@ -185,7 +204,7 @@ __global__ void __launch_bounds__(kBackwardMaxThreads)
   }
   if (dw_partial == nullptr) return;
 #pragma unroll
-  for (int i = 0; i < kCached; ++i) {
+  for (int i = 0; i < CACHED; ++i) {
     const int64_t v = static_cast<int64_t>(i) * threads + tid;
     if (v < vectors) store_floats<VEC>(dw_partial + group * cols + v * VEC, acc[i]);
   }
@@ -287,24 +306,38 @@ Status forward_with(const void* x, const void* weight, void* y, float* rstd, int
 
 struct BackwardPlan {
   bool fused;
+  bool wide;   // the fused kernel for rows wider than kBackwardMaxThreads threads
+  int cached;  // the fused kernel's vectors per thread
   dim3 block;
   int64_t grid_x, grid_y, rows_per_group, partial_rows;
 };
 
-inline BackwardPlan plan_backward(int64_t rows, int64_t vectors) {
+inline BackwardPlan plan_backward(int64_t rows, int64_t vectors, int cached, int max_threads) {
   const int64_t sms = sm_count();
   BackwardPlan plan{};
-  if (vectors <= static_cast<int64_t>(kBackwardMaxThreads) * kCached) {
+  const bool narrow = vectors <= static_cast<int64_t>(max_threads) * cached;
+  if (narrow || vectors <= static_cast<int64_t>(kWideBackwardMaxThreads) * kWideBackwardCached) {
     plan.fused = true;
-    plan.block = row_block(vectors, kBackwardMaxThreads);
+    plan.wide = !narrow;
+    plan.cached = narrow ? cached : kWideBackwardCached;
+    plan.block = row_block(vectors, narrow ? max_threads : kWideBackwardMaxThreads, plan.cached);
     const int64_t per_block = plan.block.y;
-    const int64_t blocks_per_sm = std::max<int64_t>(1, 1024 / (static_cast<int64_t>(plan.block.x) * per_block));
-    // Enough row groups to fill the GPU at about half occupancy, each at least 4 rows long (while that leaves a
-    // group per SM) so that the partial rows stay small next to dx: at 8192 x 4096, 1024 partial rows, a quarter of
-    // dx's bytes. A group walks its rows one after another, each a full trip to memory: with 16 rows a group, as
-    // before, 2-warp groups at 8192 x 2048 left 8 warps per SM, and the backward took 76 µs for the 23 its bytes need.
+    const int64_t threads = static_cast<int64_t>(plan.block.x) * per_block;
+    const int64_t blocks_per_sm = std::max<int64_t>(1, kBackwardThreadsPerSm / threads);
+    // Enough row groups to fill the GPU at about half occupancy, each at least kBackwardMinRows rows long (16 on the
+    // wide path; while that leaves a group per SM) so that the partial rows stay small next to dx. A group walks its
+    // rows one after another, each a full trip to memory, so the memory system is kept busy by many threads a row
+    // with 8 elements each (one 16-byte vector of bf16, two of fp32), as the Triton backward does, rather than by
+    // many vectors a thread. GPU time of the backward on an H200 (benchmarks/results/2026-11-29-h200-s10-norm-
+    // backward-variants.md): 4 vectors a thread took 96.6 µs at 8192 x 4096 bf16 and 56.0 at 8192 x 2048; one
+    // vector a thread takes 79.6 and 41.4 (layer_norm's: 157.0 -> 78.9 and 94.1 -> 42.9). In fp32 two vectors a
+    // thread took 117.4 µs at 8192 x 4096 against 135.8 for one (layer_norm's 120.3 against 141.7); in bf16 two were
+    // slower. 2048 resident threads per SM or 32 rows a group were no faster. At least 4 rows a group rather than 16
+    // tie at the large shapes and save 2-14 µs at 1024 x 1024, 4096 x 1023 and 8192 x 768; on the wide path 16 rows
+    // save 6 µs at 2048 x 16384.
     const int64_t groups_target = sms * blocks_per_sm * per_block;
-    const int64_t min_rows = std::min<int64_t>(4, ceil_div(rows, sms * per_block));
+    const int64_t min_rows =
+        std::min<int64_t>(narrow ? kBackwardMinRows : kWideBackwardMinRows, ceil_div(rows, sms * per_block));
     plan.rows_per_group = std::max(ceil_div(rows, groups_target), min_rows);
     plan.rows_per_group = std::max<int64_t>(plan.rows_per_group, 1);
     const int64_t groups = ceil_div(rows, plan.rows_per_group);
@@ -327,7 +360,9 @@ template <typename T, typename W, int VEC>
 Status backward_with(const void* dy, const void* x, const void* weight, const float* rstd, void* dx, void* dweight,
                      float* workspace, int64_t* workspace_floats, int64_t rows, int64_t cols, int64_t dy_stride,
                      int64_t x_stride, float offset, int casting, cudaStream_t stream) {
-  const BackwardPlan plan = plan_backward(rows, cols / VEC);
+  constexpr int kFusedCached = backward_cached<VEC>();
+  const int max_threads = VEC == 1 ? kUnvectorisedBackwardMaxThreads : kBackwardMaxThreads;
+  const BackwardPlan plan = plan_backward(rows, cols / VEC, kFusedCached, max_threads);
   const bool has_weight = weight != nullptr;
   const int64_t partial_floats = has_weight ? plan.partial_rows * cols : 0;
   if (workspace == nullptr) {
@@ -339,9 +374,16 @@ Status backward_with(const void* dy, const void* x, const void* weight, const fl
   const T* x_t = static_cast<const T*>(x);
   const W* w_t = static_cast<const W*>(weight);
   if (plan.fused) {
-    rms_norm_backward_kernel<T, W, VEC><<<static_cast<unsigned>(plan.grid_x), plan.block, 0, stream>>>(
-        dy_t, x_t, w_t, rstd, static_cast<T*>(dx), dw_partial, rows, cols, dy_stride, x_stride, plan.rows_per_group,
-        offset, casting);
+    auto launch = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(plan.grid_x), plan.block, 0, stream>>>(
+          dy_t, x_t, w_t, rstd, static_cast<T*>(dx), dw_partial, rows, cols, dy_stride, x_stride, plan.rows_per_group,
+          offset, casting);
+    };
+    if (!plan.wide) {
+      launch(rms_norm_backward_kernel<T, W, VEC, kFusedCached, kBackwardMaxThreads>);
+    } else {
+      launch(rms_norm_backward_kernel<T, W, VEC, kWideBackwardCached, kWideBackwardMaxThreads>);
+    }
   } else {
     float* mean_dn_n = workspace + partial_floats;
     rms_norm_row_dot_kernel<T, W, VEC><<<static_cast<unsigned>(rows), kRowDotThreads, 0, stream>>>(
