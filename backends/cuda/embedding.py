@@ -3,7 +3,8 @@
 A dropped index — the padding row (``padding_row`` turns a negative ``padding_idx`` into a row number) or one outside
 ``[0, N)`` — gives a zero row and no gradient, and is never used as an address. The backward is deterministic: the
 kept indices are sorted stably (torch.sort on the device, no host synchronisation), and each run of equal indices
-sums its gradient rows in fp32, in token order, into one write of the weight-gradient row.
+sums its gradient rows in fp32, in token order, into one write of the weight-gradient row. Called eagerly for
+training, the forward records the extension's C++ autograd node (``records_own_graph``), as the norms do.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from liger_core.operators.embedding import padding_row
 
-from ._common import compiling, cuda_kernel, dtype_reasons, ext
+from ._common import compiling, cuda_kernel, dtype_reasons, ext, records_own_graph
 
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -45,6 +46,8 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
     flat = indices.reshape(-1).contiguous()
     if weight.stride(1) != 1 and weight.shape[1] > 1:
         weight = weight.contiguous()
+    if records_own_graph(needs_grad):
+        return (ext().embedding_autograd(flat, weight, pad).view(*indices.shape, weight.shape[1]),), None
     if compiling():
         y = embedding_forward_op(flat, weight, pad)
     else:
@@ -78,4 +81,4 @@ def supports(inputs: tuple, attrs: dict) -> list[str]:
     return reasons
 
 
-KERNEL = cuda_kernel("embedding", forward, backward, supports)
+KERNEL = cuda_kernel("embedding", forward, backward, supports, eager_autograd=True)

@@ -56,6 +56,11 @@ void check_rows(const Tensor& t, const char* what) {
 
 Tensor empty_like_dtype(const Tensor& t) { return at::empty({0}, t.options()); }
 
+// t in `type`, contiguous: t itself when it already is (no dispatcher round trip on the hot path).
+Tensor as_contiguous(const Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type ? t.contiguous() : t.to(type).contiguous();
+}
+
 // -- rms_norm -------------------------------------------------------------------------------------------------------
 
 // (weight as the kernel takes it: x's dtype or fp32, contiguous; the offset the kernel applies to it).
@@ -140,8 +145,8 @@ std::pair<Tensor, optional<Tensor>> layer_norm_params(const Tensor& x, const Ten
   const bool native =
       weight.scalar_type() == x.scalar_type() && (!bias.has_value() || bias->scalar_type() == x.scalar_type());
   const at::ScalarType type = native ? x.scalar_type() : at::kFloat;
-  optional<Tensor> b = bias.has_value() ? optional<Tensor>(bias->to(type).contiguous()) : std::nullopt;
-  return {weight.to(type).contiguous(), b};
+  optional<Tensor> b = bias.has_value() ? optional<Tensor>(as_contiguous(*bias, type)) : std::nullopt;
+  return {as_contiguous(weight, type), b};
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_forward(const Tensor& x, const Tensor& weight,
@@ -219,7 +224,7 @@ void run_rope(const Tensor& q, const Tensor& k, const Tensor& cos, const Tensor&
   const Tensor q4 = heads_last(q), k4 = heads_last(k), qo4 = heads_last(q_out), ko4 = heads_last(k_out);
   const bool native = cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type();
   const at::ScalarType table_type = native ? q.scalar_type() : at::kFloat;
-  const Tensor c = cos.to(table_type).contiguous(), s = sin.to(table_type).contiguous();
+  const Tensor c = as_contiguous(cos, table_type), s = as_contiguous(sin, table_type);
   const int64_t cos_batch_stride = c.size(0) == 1 ? 0 : c.stride(0);
   check(liger_cuda::rope(rope_tensor(q4, qo4), rope_tensor(k4, ko4), c.data_ptr(), s.data_ptr(), cos_batch_stride,
                          q4.size(0), q4.size(1), q4.size(3), rotary_dim / 2, backward,
@@ -559,6 +564,27 @@ std::tuple<Tensor, Tensor> rope_autograd(const Tensor& q, const Tensor& k, const
   return {out[0], out[1]};
 }
 
+struct EmbeddingFunction : public torch::autograd::Function<EmbeddingFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& indices, const Tensor& weight, int64_t pad) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({indices});
+    ctx->saved_data["rows"] = weight.size(0);
+    ctx->saved_data["pad"] = pad;
+    return {embedding_forward(indices, weight, pad)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor()};
+    const Tensor dw = embedding_backward(unit_feature_stride(grads[0]), ctx->get_saved_variables()[0],
+                                         ctx->saved_data["rows"].toInt(), ctx->saved_data["pad"].toInt());
+    return {Tensor(), dw, Tensor()};
+  }
+};
+
+Tensor embedding_autograd(const Tensor& indices, const Tensor& weight, int64_t pad) {
+  return EmbeddingFunction::apply(indices, weight, pad)[0];
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -579,4 +605,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("layer_norm_autograd", &layer_norm_autograd);
   m.def("gated_autograd", &gated_autograd);
   m.def("rope_autograd", &rope_autograd);
+  m.def("embedding_autograd", &embedding_autograd);
 }
