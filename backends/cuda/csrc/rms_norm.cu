@@ -356,13 +356,19 @@ inline BackwardPlan plan_backward(int64_t rows, int64_t vectors, int cached, int
   return plan;
 }
 
+// The backward's plan for (rows, cols) read in vectors of VEC elements (tests/cuda/test_cuda_plans.py checks it).
+template <int VEC>
+BackwardPlan plan_backward_for(int64_t rows, int64_t cols) {
+  const int max_threads = VEC == 1 ? kUnvectorisedBackwardMaxThreads : kBackwardMaxThreads;
+  return plan_backward(rows, cols / VEC, backward_cached<VEC>(), max_threads);
+}
+
 template <typename T, typename W, int VEC>
 Status backward_with(const void* dy, const void* x, const void* weight, const float* rstd, void* dx, void* dweight,
                      float* workspace, int64_t* workspace_floats, int64_t rows, int64_t cols, int64_t dy_stride,
                      int64_t x_stride, float offset, int casting, cudaStream_t stream) {
   constexpr int kFusedCached = backward_cached<VEC>();
-  const int max_threads = VEC == 1 ? kUnvectorisedBackwardMaxThreads : kBackwardMaxThreads;
-  const BackwardPlan plan = plan_backward(rows, cols / VEC, kFusedCached, max_threads);
+  const BackwardPlan plan = plan_backward_for<VEC>(rows, cols);
   const bool has_weight = weight != nullptr;
   const int64_t partial_floats = has_weight ? plan.partial_rows * cols : 0;
   if (workspace == nullptr) {
