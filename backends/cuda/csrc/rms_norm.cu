@@ -38,7 +38,6 @@ constexpr int kRowDotThreads = 512;
 constexpr int kChunkThreads = 256;
 constexpr int kWarpRows = 4;  // rows per block when a warp holds a row
 
-// (threads per row, rows per block) for rows of `vectors` vectors.
 // Vectors of VEC elements a thread keeps of each row in the fused backward of rows up to kBackwardMaxThreads threads.
 template <int VEC>
 constexpr int backward_cached() {
@@ -46,6 +45,7 @@ constexpr int backward_cached() {
   return kBackwardElements / VEC > 4 ? 4 : (kBackwardElements / VEC > 1 ? kBackwardElements / VEC : 1);
 }
 
+// (threads per row, rows per block) for rows of `vectors` vectors, `cached` vectors a thread.
 inline dim3 row_block(int64_t vectors, int max_threads, int cached = kCached) {
   int64_t threads = ceil_div(ceil_div(vectors, cached), 32) * 32;
   threads = threads < 32 ? 32 : (threads > max_threads ? max_threads : threads);
