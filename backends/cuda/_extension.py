@@ -29,7 +29,8 @@ from pathlib import Path
 from liger_core import env
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-# One .cu per operator (swiglu and geglu share gated.cuh) and the binding, compiled in parallel by ninja.
+# One .cu per operator (swiglu and geglu share gated.cuh, rms_norm and layer_norm norm_rows.cuh) and the binding,
+# compiled in parallel by ninja.
 SOURCES = (
     "bindings.cpp",
     "rms_norm.cu",
@@ -40,7 +41,7 @@ SOURCES = (
     "cross_entropy.cu",
     "embedding.cu",
 )
-HEADERS = ("liger_cuda.h", "common.cuh", "gated.cuh")
+HEADERS = ("liger_cuda.h", "common.cuh", "gated.cuh", "norm_rows.cuh")
 # Volta and newer: the kernels use warp shuffles with masks and 16-byte vector accesses; bf16 is converted in
 # software below sm_80. (CUDA 13's nvcc itself starts at sm_75; an older GPU then fails to build, with the reason.)
 MIN_CAPABILITY = (7, 0)

@@ -1,44 +1,23 @@
 // layer_norm: y = (x - mean) * rstd * w + b over each row, forward and backward, fp32 math.
 //
-// Same layout as rms_norm.cu (a warp or a block per row, up to kCached vectors per thread in registers). A cached
+// Rows are laid over threads as norm_rows.cuh describes (a warp or a block per row, up to kCached vectors per thread in
+// registers). A cached
 // row's variance is a true two-pass one; a longer row uses sums shifted by its first element, which keeps the
 // cancellation of sum(x^2) - sum(x)^2 harmless for rows whose mean is large next to their spread.
 //
 // Backward, with n = (x - mean) * rstd and dn = dy * w: dx = rstd * (dn - mean(dn) - n * mean(dn * n)),
 // dw = sum over rows of dy * n, db = sum over rows of dy. Fused and chunked paths and the deterministic dw/db
-// partial rows are as in rms_norm.cu, whose comments also say how the fused backward's layout was chosen.
-#include "common.cuh"
+// partial rows are as in rms_norm.cu; the fused backward's layout is norm_rows.cuh's.
+#include "norm_rows.cuh"
 
 namespace liger_cuda {
 namespace {
 
-constexpr int kCached = 4;
+using namespace norm_rows;
+
 constexpr int kForwardMaxThreads = 1024;
-// The fused backward (rows of at most kBackwardMaxThreads * backward_cached<VEC>() vectors): elements of a row per
-// thread, the resident threads per SM its plan aims at, and the fewest rows a row group walks (see rms_norm.cu).
-constexpr int kBackwardElements = 8;
-constexpr int kBackwardMaxThreads = 1024;
-// Unvectorised rows (an odd hidden size) keep the narrower blocks of before: a 4095-wide bf16 row took 118 µs fused on
-// 1024 threads against 87 (layer_norm) and 77 (rms_norm) through the chunked path.
-constexpr int kUnvectorisedBackwardMaxThreads = 256;
-constexpr int kBackwardThreadsPerSm = 1024;
-constexpr int kBackwardMinRows = 4;
 constexpr int kRowThreads = 512;
 constexpr int kChunkThreads = 256;
-constexpr int kWarpRows = 4;
-
-// Vectors of VEC elements a thread keeps of each row in the fused backward.
-template <int VEC>
-constexpr int backward_cached() {
-  // At most 4: unvectorised rows (VEC == 1, an odd hidden size) would spill registers with 8.
-  return kBackwardElements / VEC > 4 ? 4 : (kBackwardElements / VEC > 1 ? kBackwardElements / VEC : 1);
-}
-
-inline dim3 row_block(int64_t vectors, int max_threads, int cached = kCached) {
-  int64_t threads = ceil_div(ceil_div(vectors, cached), 32) * 32;
-  threads = threads < 32 ? 32 : (threads > max_threads ? max_threads : threads);
-  return dim3(static_cast<unsigned>(threads), threads == 32 ? kWarpRows : 1);
-}
 
 template <typename T, typename W, int VEC>
 __global__ void __launch_bounds__(kForwardMaxThreads)
@@ -324,22 +303,17 @@ struct BackwardPlan {
 };
 
 inline BackwardPlan plan_backward(int64_t rows, int64_t vectors, int cached, int max_threads) {
-  const int64_t sms = sm_count();
   BackwardPlan plan{};
   if (vectors <= static_cast<int64_t>(max_threads) * cached) {
     plan.fused = true;
     plan.block = row_block(vectors, max_threads, cached);
-    const int64_t per_block = plan.block.y;
-    const int64_t threads = static_cast<int64_t>(plan.block.x) * per_block;
-    const int64_t blocks_per_sm = std::max<int64_t>(1, kBackwardThreadsPerSm / threads);
-    const int64_t groups_target = sms * blocks_per_sm * per_block;
-    const int64_t min_rows = std::min<int64_t>(kBackwardMinRows, ceil_div(rows, sms * per_block));
-    plan.rows_per_group = std::max(ceil_div(rows, groups_target), min_rows);
-    plan.rows_per_group = std::max<int64_t>(plan.rows_per_group, 1);
-    plan.grid_x = ceil_div(ceil_div(rows, plan.rows_per_group), per_block);
+    const RowGroups groups = row_groups(rows, plan.block, kBackwardMinRows);
+    plan.grid_x = groups.blocks;
     plan.grid_y = 1;
-    plan.partial_rows = plan.grid_x * per_block;
+    plan.rows_per_group = groups.rows_per_group;
+    plan.partial_rows = groups.groups;
   } else {
+    const int64_t sms = sm_count();
     plan.fused = false;
     plan.block = dim3(kChunkThreads);
     plan.grid_y = ceil_div(vectors, static_cast<int64_t>(kChunkThreads) * kCached);
@@ -354,8 +328,7 @@ inline BackwardPlan plan_backward(int64_t rows, int64_t vectors, int cached, int
 // The backward's plan for (rows, cols) read in vectors of VEC elements (tests/cuda/test_cuda_plans.py checks it).
 template <int VEC>
 BackwardPlan plan_backward_for(int64_t rows, int64_t cols) {
-  const int max_threads = VEC == 1 ? kUnvectorisedBackwardMaxThreads : kBackwardMaxThreads;
-  return plan_backward(rows, cols / VEC, backward_cached<VEC>(), max_threads);
+  return plan_backward(rows, cols / VEC, backward_cached<VEC>(), backward_max_threads<VEC>());
 }
 
 template <typename T, typename W, int VEC>

@@ -1,56 +1,34 @@
 // rms_norm: y = x * rsqrt(mean(x^2) + eps) * (offset + weight) over each row, forward and backward, fp32 math.
 //
-// Layout. A row is handled by a warp (rows of at most 32 * kCached vectors; a block then holds several rows) or by
-// a whole block (up to kForwardMaxThreads threads, partial sums combined through shared memory). Each thread takes
-// the vectors tid, tid + threads, ... of its row (coalesced 16-byte accesses) and keeps up to kCached of them in
-// registers; a longer forward row is read twice (the second pass mostly from L2).
+// Layout (norm_rows.cuh). A row is handled by a warp (rows of at most 32 * kCached vectors; a block then holds several
+// rows) or by a whole block (up to kForwardMaxThreads threads, partial sums combined through shared memory). Each
+// thread takes the vectors tid, tid + threads, ... of its row (coalesced 16-byte accesses) and keeps up to kCached of
+// them in registers; a longer forward row is read twice (the second pass mostly from L2).
 //
 // Backward. dx = rstd * (dn - n * mean(dn * n)) with n = x * rstd and dn = dy * (offset + w); dw = sum over rows of
 // dy * n. Fused path (rows of at most kWideBackwardMaxThreads * kWideBackwardCached vectors): each row group walks
 // a contiguous range of rows, keeps its dw partial sums in registers and writes them once to its own row of an fp32
-// workspace. Chunked path (longer rows): a first kernel computes mean(dn * n) per row, then a 2-D grid (row blocks x
+// workspace (norm_rows.cuh says how its layout was chosen). Chunked path (longer rows): a first kernel computes mean(dn * n) per row, then a 2-D grid (row blocks x
 // column chunks) writes dx and one dw partial row per row block. Either way a second small kernel sums the partial
 // rows in a fixed order: no atomics, the same bits on every run.
 //
 // Casting modes, as the reference backend: "llama" rounds the normalised x to x's dtype before the weight multiply
 // and takes offset + w in w's dtype; "gemma" stays in fp32; "none" rounds like "llama", with w cast to x's dtype.
-#include "common.cuh"
+#include "norm_rows.cuh"
 
 namespace liger_cuda {
 namespace {
 
-constexpr int kCached = 4;  // vectors of a row a thread keeps in registers
+using namespace norm_rows;
+
 constexpr int kForwardMaxThreads = 1024;
-// The fused backward: elements of a row per thread and threads of a block, for rows of at most kBackwardMaxThreads *
-// kBackwardElements elements, and vectors per thread and threads for wider ones; the resident threads per SM its
-// plan aims at, and the fewest rows a row group walks (plan_backward).
-constexpr int kBackwardElements = 8;
-constexpr int kBackwardMaxThreads = 1024;
-// Unvectorised rows (an odd hidden size) keep the narrower blocks of before: a 4095-wide bf16 row took 118 µs fused on
-// 1024 threads against 87 (layer_norm) and 77 (rms_norm) through the chunked path.
-constexpr int kUnvectorisedBackwardMaxThreads = 256;
+// The fused backward of rows wider than its narrow blocks hold (norm_rows.cuh): 4 vectors a thread on 512 threads, in
+// groups of at least 16 rows (which saved 6 µs against 4 at 2048 x 16384 bf16).
 constexpr int kWideBackwardCached = 4;
 constexpr int kWideBackwardMaxThreads = 512;
 constexpr int kWideBackwardMinRows = 16;
-constexpr int kBackwardThreadsPerSm = 1024;
-constexpr int kBackwardMinRows = 4;
 constexpr int kRowDotThreads = 512;
 constexpr int kChunkThreads = 256;
-constexpr int kWarpRows = 4;  // rows per block when a warp holds a row
-
-// Vectors of VEC elements a thread keeps of each row in the fused backward of rows up to kBackwardMaxThreads threads.
-template <int VEC>
-constexpr int backward_cached() {
-  // At most 4: unvectorised rows (VEC == 1, an odd hidden size) would spill registers with 8.
-  return kBackwardElements / VEC > 4 ? 4 : (kBackwardElements / VEC > 1 ? kBackwardElements / VEC : 1);
-}
-
-// (threads per row, rows per block) for rows of `vectors` vectors, `cached` vectors a thread.
-inline dim3 row_block(int64_t vectors, int max_threads, int cached = kCached) {
-  int64_t threads = ceil_div(ceil_div(vectors, cached), 32) * 32;
-  threads = threads < 32 ? 32 : (threads > max_threads ? max_threads : threads);
-  return dim3(static_cast<unsigned>(threads), threads == 32 ? kWarpRows : 1);
-}
 
 template <typename T, typename W>
 __device__ __forceinline__ float effective_weight(float w, float offset, int casting) {
@@ -313,7 +291,6 @@ struct BackwardPlan {
 };
 
 inline BackwardPlan plan_backward(int64_t rows, int64_t vectors, int cached, int max_threads) {
-  const int64_t sms = sm_count();
   BackwardPlan plan{};
   const bool narrow = vectors <= static_cast<int64_t>(max_threads) * cached;
   if (narrow || vectors <= static_cast<int64_t>(kWideBackwardMaxThreads) * kWideBackwardCached) {
@@ -321,30 +298,13 @@ inline BackwardPlan plan_backward(int64_t rows, int64_t vectors, int cached, int
     plan.wide = !narrow;
     plan.cached = narrow ? cached : kWideBackwardCached;
     plan.block = row_block(vectors, narrow ? max_threads : kWideBackwardMaxThreads, plan.cached);
-    const int64_t per_block = plan.block.y;
-    const int64_t threads = static_cast<int64_t>(plan.block.x) * per_block;
-    const int64_t blocks_per_sm = std::max<int64_t>(1, kBackwardThreadsPerSm / threads);
-    // Enough row groups to fill the GPU at about half occupancy, each at least kBackwardMinRows rows long (16 on the
-    // wide path; while that leaves a group per SM) so that the partial rows stay small next to dx. A group walks its
-    // rows one after another, each a full trip to memory, so the memory system is kept busy by many threads a row
-    // with 8 elements each (one 16-byte vector of bf16, two of fp32), as the Triton backward does, rather than by
-    // many vectors a thread. GPU time of the backward on an H200 (benchmarks/results/2026-11-29-h200-s10-norm-
-    // backward-variants.md): 4 vectors a thread took 96.6 µs at 8192 x 4096 bf16 and 56.0 at 8192 x 2048; one
-    // vector a thread takes 79.6 and 41.4 (layer_norm's: 157.0 -> 78.9 and 94.1 -> 42.9). In fp32 two vectors a
-    // thread took 117.4 µs at 8192 x 4096 against 135.8 for one (layer_norm's 120.3 against 141.7); in bf16 two were
-    // slower. 2048 resident threads per SM or 32 rows a group were no faster. At least 4 rows a group rather than 16
-    // tie at the large shapes and save 2-14 µs at 1024 x 1024, 4096 x 1023 and 8192 x 768; on the wide path 16 rows
-    // save 6 µs at 2048 x 16384.
-    const int64_t groups_target = sms * blocks_per_sm * per_block;
-    const int64_t min_rows =
-        std::min<int64_t>(narrow ? kBackwardMinRows : kWideBackwardMinRows, ceil_div(rows, sms * per_block));
-    plan.rows_per_group = std::max(ceil_div(rows, groups_target), min_rows);
-    plan.rows_per_group = std::max<int64_t>(plan.rows_per_group, 1);
-    const int64_t groups = ceil_div(rows, plan.rows_per_group);
-    plan.grid_x = ceil_div(groups, per_block);
+    const RowGroups groups = row_groups(rows, plan.block, narrow ? kBackwardMinRows : kWideBackwardMinRows);
+    plan.grid_x = groups.blocks;
     plan.grid_y = 1;
-    plan.partial_rows = plan.grid_x * per_block;
+    plan.rows_per_group = groups.rows_per_group;
+    plan.partial_rows = groups.groups;
   } else {
+    const int64_t sms = sm_count();
     plan.fused = false;
     plan.block = dim3(kChunkThreads);
     plan.grid_y = ceil_div(vectors, static_cast<int64_t>(kChunkThreads) * kCached);
@@ -359,8 +319,7 @@ inline BackwardPlan plan_backward(int64_t rows, int64_t vectors, int cached, int
 // The backward's plan for (rows, cols) read in vectors of VEC elements (tests/cuda/test_cuda_plans.py checks it).
 template <int VEC>
 BackwardPlan plan_backward_for(int64_t rows, int64_t cols) {
-  const int max_threads = VEC == 1 ? kUnvectorisedBackwardMaxThreads : kBackwardMaxThreads;
-  return plan_backward(rows, cols / VEC, backward_cached<VEC>(), max_threads);
+  return plan_backward(rows, cols / VEC, backward_cached<VEC>(), backward_max_threads<VEC>());
 }
 
 template <typename T, typename W, int VEC>
