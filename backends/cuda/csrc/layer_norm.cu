@@ -274,17 +274,6 @@ __global__ void __launch_bounds__(kChunkThreads)
 
 // -- launchers ------------------------------------------------------------------------------------------------------
 
-template <typename T>
-int vector_for(int64_t cols, std::initializer_list<int64_t> strides, std::initializer_list<const void*> pointers) {
-  constexpr int kVec = vector_width<T>();
-  if (cols % kVec != 0) return 1;
-  for (const int64_t s : strides)
-    if (s % kVec != 0) return 1;
-  for (const void* p : pointers)
-    if (!aligned16(p)) return 1;
-  return kVec;
-}
-
 template <typename T, typename W, int VEC>
 Status forward_with(const void* x, const void* weight, const void* bias, void* y, float* mean, float* rstd,
                     int64_t rows, int64_t cols, int64_t x_stride, float eps, cudaStream_t stream) {

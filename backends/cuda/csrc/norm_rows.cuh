@@ -48,6 +48,19 @@ constexpr int backward_max_threads() {
   return VEC == 1 ? kUnvectorisedBackwardMaxThreads : kBackwardMaxThreads;
 }
 
+// Elements of T per vector access for rows of `cols` elements: 16 bytes' worth when the row length, every row stride
+// and every pointer allow it, else 1.
+template <typename T>
+int vector_for(int64_t cols, std::initializer_list<int64_t> strides, std::initializer_list<const void*> pointers) {
+  constexpr int kVec = vector_width<T>();
+  if (cols % kVec != 0) return 1;
+  for (const int64_t s : strides)
+    if (s % kVec != 0) return 1;
+  for (const void* p : pointers)
+    if (!aligned16(p)) return 1;
+  return kVec;
+}
+
 // (threads per row, rows per block) for rows of `vectors` vectors, `cached` vectors a thread.
 inline dim3 row_block(int64_t vectors, int max_threads, int cached = kCached) {
   int64_t threads = ceil_div(ceil_div(vectors, cached), 32) * 32;

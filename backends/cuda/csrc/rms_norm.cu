@@ -260,17 +260,6 @@ __global__ void __launch_bounds__(kChunkThreads)
 
 // -- launchers ------------------------------------------------------------------------------------------------------
 
-template <typename T, typename W>
-int vector_for(int64_t cols, std::initializer_list<int64_t> strides, std::initializer_list<const void*> pointers) {
-  constexpr int kVec = vector_width<T>();
-  if (cols % kVec != 0) return 1;
-  for (const int64_t s : strides)
-    if (s % kVec != 0) return 1;
-  for (const void* p : pointers)
-    if (!aligned16(p)) return 1;
-  return kVec;
-}
-
 template <typename T, typename W, int VEC>
 Status forward_with(const void* x, const void* weight, void* y, float* rstd, int64_t rows, int64_t cols,
                     int64_t x_stride, float eps, float offset, int casting, cudaStream_t stream) {
@@ -371,7 +360,7 @@ Status rms_norm_forward(const void* x, const void* weight, void* y, float* rstd,
   return dispatch_dtype_and_param(dtype, weight_dtype, [&](auto t, auto w) -> Status {
     using T = decltype(t);
     using W = decltype(w);
-    const int vec = vector_for<T, W>(cols, {x_stride}, {x, y, weight});
+    const int vec = vector_for<T>(cols, {x_stride}, {x, y, weight});
     if (vec > 1)
       return forward_with<T, W, vector_width<T>()>(x, weight, y, rstd, rows, cols, x_stride, eps, offset, casting,
                                                    as_stream(stream));
@@ -389,7 +378,7 @@ Status rms_norm_backward(const void* dy, const void* x, const void* weight, cons
   return dispatch_dtype_and_param(dtype, weight_dtype, [&](auto t, auto w) -> Status {
     using T = decltype(t);
     using W = decltype(w);
-    const int vec = vector_for<T, W>(cols, {x_stride, dy_stride}, {dy, x, dx, weight});
+    const int vec = vector_for<T>(cols, {x_stride, dy_stride}, {dy, x, dx, weight});
     if (vec > 1)
       return backward_with<T, W, vector_width<T>()>(dy, x, weight, rstd, dx, dweight, workspace, workspace_floats,
                                                     rows, cols, dy_stride, x_stride, offset, casting,
