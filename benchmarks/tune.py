@@ -177,7 +177,7 @@ def fused_linear_jsd():
         xs.grad = ws.grad = None
         return loss, *grads
 
-    settings = grid(CHUNK_BYTES=[mib << 20 for mib in (128, 256, 512, 1024)], NUM_WARPS=[8, 16])
+    settings = grid(BLOCK_COLS=[2048, 1024, 4096], NUM_WARPS=[8, 4, 16], STAGES=[1, 2])
     return sweep("fused_linear_jsd student (4096, 2048) teacher (4096, 4096) V 128256", module, settings, step)
 
 

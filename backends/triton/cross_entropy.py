@@ -41,7 +41,7 @@ import triton.language as tl
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_in_place
-from .rms_norm import DTYPES, _launch, cast_to, launcher_op, next_power_of_2
+from .rms_norm import DTYPES, _launch, cast_to, launcher_op, next_power_of_2, sm_count
 
 REDUCTIONS = ("mean", "sum", "none")
 # Chunk of a row per step of the sweeps (elements), warps of the row kernel, and ROW_STAGES: steps whose loads are in
@@ -50,6 +50,11 @@ REDUCTIONS = ("mean", "sum", "none")
 # of 1-4 programs per SM (fewer rows in flight, so that the second sweep could hit L2) and L2 eviction hints were
 # slower or no faster (1.82-6.6 ms) and were dropped.
 BLOCK_V, ROW_WARPS, ROW_STAGES = 2048, 4, 3
+# With fewer rows than fill every SM's 64 warp slots with ROW_WARPS-warp programs (a fused-linear chunk of 1024 rows),
+# wider programs keep more loads in flight: at (1024, 128256) bf16, a lean copy of the row kernel took 0.214 ms with
+# (4096, 8, 4) against 0.237 with (2048, 4, 3) (2026-11-29-h200-s11-ce-row-variants.json).
+FEW_ROWS_BLOCK_V, FEW_ROWS_WARPS, FEW_ROWS_STAGES = 4096, 8, 4
+WARP_SLOTS_PER_SM = 64
 # The one-program reductions over targets and rows, and the elementwise scaling of the backward.
 REDUCE_BLOCK = 1024
 # Slots of the per-call statistics buffer (fp32).
@@ -221,8 +226,10 @@ def cross_entropy_rows_kernel(
             else:
                 p_scale += smoothing * ce_scale
         grad_row = GRAD + row * grad_row_stride
-        for start in tl.range(0, n_cols, BLOCK, num_stages=STAGES):
-            cols = start + offsets
+        # Backwards along the row: the chunks sweep 1 read last are the likeliest to be still in L2.
+        n_blocks = tl.cdiv(n_cols, BLOCK)
+        for step in tl.range(0, n_blocks, num_stages=STAGES):
+            cols = (n_blocks - 1 - step) * BLOCK + offsets
             mask = cols < n_cols
             z = softcapped(tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, SOFTCAP)
             grad = tl.exp(z - lse) * p_scale - tl.where(cols == safe_target, target_scale, 0.0)
@@ -271,8 +278,15 @@ def cross_entropy_reduce_kernel(
 # -- launchers ---------------------------------------------------------------------------------------------------
 
 
-def row_block(n_cols: int) -> int:
-    return max(16, min(BLOCK_V, next_power_of_2(max(n_cols, 1))))
+def row_block(n_cols: int, widest: int | None = None) -> int:
+    return max(16, min(BLOCK_V if widest is None else widest, next_power_of_2(max(n_cols, 1))))
+
+
+def row_launch(n_rows: int, n_cols: int, device: torch.device) -> dict:
+    """BLOCK, STAGES and num_warps of the row kernel (one program per row): see FEW_ROWS_BLOCK_V."""
+    if n_rows * ROW_WARPS < WARP_SLOTS_PER_SM * sm_count(device):
+        return {"BLOCK": row_block(n_cols, FEW_ROWS_BLOCK_V), "STAGES": FEW_ROWS_STAGES, "num_warps": FEW_ROWS_WARPS}
+    return {"BLOCK": row_block(n_cols), "STAGES": ROW_STAGES, "num_warps": ROW_WARPS}
 
 
 def launch_stats(
@@ -319,8 +333,7 @@ def launch_rows(
         ignore_index, smoothing, z_scale, 1.0 if softcap is None else softcap,
         HAS_WEIGHT=weight is not None, SMOOTHING=smoothing > 0, HAS_Z=z_scale > 0, SOFTCAP=softcap is not None,
         TOKEN_SCALING=token_scaling, ARGMAX=pred is not None, STORE_ROWS=rows is not None,
-        COMPUTE_GRAD=compute_grad, PER_ROW_UPSTREAM=upstream is not None, BLOCK=row_block(n_cols),
-        STAGES=ROW_STAGES, num_warps=ROW_WARPS,
+        COMPUTE_GRAD=compute_grad, PER_ROW_UPSTREAM=upstream is not None, **row_launch(n_rows, n_cols, logits.device),
     )  # fmt: skip
 
 

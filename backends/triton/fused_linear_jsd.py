@@ -39,16 +39,21 @@ from .fused_linear_cross_entropy import (
     weight_accumulation_dtype,
     weight_gradient_buffer,
 )
-from .jsd import INDEX_DTYPES, beta_logs, counted_rows, jsd_terms, mode_of
+from .jsd import INDEX_DTYPES, LN2, LOG2E, counted_rows, jsd_terms_base2, mode_of
 from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2
 
-# Bytes one chunk's student and teacher logits may take together (at the inputs' dtype). Untuned: the GEMMs want
-# chunks of a few hundred rows or more; to be swept on an H200 against the memory target.
+# Bytes one chunk's student and teacher logits may take together (at the inputs' dtype). At (4096, 2048/4096),
+# V 128256 bf16 on an H200, 512 MiB (1024 rows) keeps the peak at 1019 MiB, within issue 5's 1.2 GB; 1 GiB was 5 %
+# faster at 2.5 GB, 256 MiB 13 % slower (benchmarks/results/2026-11-29-h200-s5-tune.json).
 CHUNK_BYTES = 512 * 2**20
-# Rows per program and warps of the row kernel, and its column block. Untuned.
+# Rows per program, the row kernel's column block, warps and pipelined steps. From benchmarks/tune.py at the shape
+# above, forward and backward: (2048, 8, 1) was the fastest or within 0.7 % of it in four sweeps of 6-27 settings,
+# one per version of the kernel (2026-11-29-h200-s11-tune-fljsd-*.json). In the first, the former (4096, 16, 1)
+# took 20.81 ms against 19.12.
 BLOCK_ROWS = 1
-BLOCK_COLS = 4096
-NUM_WARPS = 16
+BLOCK_COLS = 2048
+NUM_WARPS = 8
+STAGES = 1
 # Smallest "minus infinity" of the online maximum, finite so that masked rows never compute inf − inf.
 LOWEST = tl.constexpr(-3.0e38)
 
@@ -60,67 +65,79 @@ LOWEST = tl.constexpr(-3.0e38)
 def fused_linear_jsd_rows_kernel(
     STUDENT, TEACHER, LABELS, COEF, ROW_LOSS,
     n_rows, n_cols, s_row_stride, t_row_stride,
-    temperature, beta, log_beta, log_1m_beta, ignore_index,
+    inverse_temperature, beta, ignore_index,
     MODE: tl.constexpr, HAS_LABELS: tl.constexpr, WANT_GRAD: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     """Rows of one chunk: the loss of each row into ROW_LOSS and, with WANT_GRAD, d loss / d student logits written
-    over STUDENT (each element is read before it is written, by the same program)."""
+    over STUDENT (each element is read before it is written, by the same program).
+
+    The kernel is bound by its instructions per element, not by its memory traffic, so it works in base 2 (see
+    jsd_terms_base2): log2 q = logits · log2(e) / T − lse2 is one FMA per element, and the natural units come back
+    once per row (ln 2). Masked lanes are loaded as -inf, which every term turns into 0 without a select."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     counted = counted_rows(LABELS, rows, n_rows, ignore_index, HAS_LABELS)
     student = STUDENT + rows[:, None] * s_row_stride
     teacher = TEACHER + rows[:, None] * t_row_stride
+    scale = inverse_temperature * LOG2E
 
-    # pass 1: log-sum-exp of both rows of logits / T
+    # pass 1: base-2 log-sum-exp of both rows of logits · scale. Only the maxima are reduced across the block at
+    # each step (the exponentials' shift must be one number per row); the sums stay per lane until the loop ends.
     max_s = tl.full([BLOCK_ROWS], LOWEST, dtype=tl.float32)
     max_t = tl.full([BLOCK_ROWS], LOWEST, dtype=tl.float32)
-    sum_s = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-    sum_t = tl.zeros([BLOCK_ROWS], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_COLS):
+    sums_s = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    sums_t = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
+    for start in tl.range(0, n_cols, BLOCK_COLS, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_COLS)
         mask = counted[:, None] & (cols < n_cols)[None, :]
-        s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) / temperature
-        t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) / temperature
+        s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         new_max_s = tl.maximum(max_s, tl.max(s, axis=1))
         new_max_t = tl.maximum(max_t, tl.max(t, axis=1))
-        sum_s = sum_s * tl.exp(max_s - new_max_s) + tl.sum(tl.exp(s - new_max_s[:, None]), axis=1)
-        sum_t = sum_t * tl.exp(max_t - new_max_t) + tl.sum(tl.exp(t - new_max_t[:, None]), axis=1)
+        # a row that has seen nothing finite yet shifts by 0: LOWEST · scale could overflow to -inf
+        shift_s = tl.where(new_max_s > LOWEST, new_max_s * scale, 0.0)
+        shift_t = tl.where(new_max_t > LOWEST, new_max_t * scale, 0.0)
+        sums_s = sums_s * tl.exp2((max_s - new_max_s) * scale)[:, None] + tl.exp2(s * scale - shift_s[:, None])
+        sums_t = sums_t * tl.exp2((max_t - new_max_t) * scale)[:, None] + tl.exp2(t * scale - shift_t[:, None])
         max_s = new_max_s
         max_t = new_max_t
     # rows that do not count were never read (their sums are 0): their log-sum-exps are set to 0
-    lse_s = tl.where(counted, max_s + tl.log(tl.where(counted, sum_s, 1.0)), 0.0)
-    lse_t = tl.where(counted, max_t + tl.log(tl.where(counted, sum_t, 1.0)), 0.0)
+    sum_s = tl.sum(sums_s, axis=1)
+    sum_t = tl.sum(sums_t, axis=1)
+    lse2_s = tl.where(counted, max_s * scale + tl.log2(tl.where(counted, sum_s, 1.0)), 0.0)
+    lse2_t = tl.where(counted, max_t * scale + tl.log2(tl.where(counted, sum_t, 1.0)), 0.0)
 
-    # pass 2: the loss terms and Σ_v d loss / d log_q
+    # pass 2: the loss terms and Σ_v d loss / d log_q, both over ln 2
     loss_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
     grad_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_COLS):
+    for start in tl.range(0, n_cols, BLOCK_COLS, num_stages=STAGES):
         cols = start + tl.arange(0, BLOCK_COLS)
         mask = counted[:, None] & (cols < n_cols)[None, :]
-        log_q = tl.load(student + cols[None, :], mask=mask, other=0.0).to(tl.float32) / temperature - lse_s[:, None]
-        log_p = tl.load(teacher + cols[None, :], mask=mask, other=0.0).to(tl.float32) / temperature - lse_t[:, None]
-        loss, grad = jsd_terms(log_q, log_p, beta, log_beta, log_1m_beta, MODE)
-        loss_acc += tl.where(mask, loss, 0.0)
-        grad_acc += tl.where(mask, grad, 0.0)
-    tl.store(ROW_LOSS + rows, tl.where(counted, tl.sum(loss_acc, axis=1), 0.0), mask=rows < n_rows)
+        s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        loss, grad = jsd_terms_base2(s * scale - lse2_s[:, None], t * scale - lse2_t[:, None], beta, MODE)
+        loss_acc += loss
+        grad_acc += grad
+    tl.store(ROW_LOSS + rows, tl.where(counted, tl.sum(loss_acc, axis=1) * LN2, 0.0), mask=rows < n_rows)
 
-    # pass 3: through log_softmax and the temperature, d loss / d logits = coef · (g − q·Σg) / T
+    # pass 3: through log_softmax and the temperature, d loss / d logits = coef · (g − q·Σg) / T, with g and Σg
+    # over ln 2 (hence the factor ln 2 in `factor`). Rows that do not count get q = g = 0, so 0.
     if WANT_GRAD:
-        coef = tl.load(COEF) / temperature
+        factor = tl.load(COEF) * inverse_temperature * LN2
         grad_sum = tl.sum(grad_acc, axis=1)[:, None]
-        store_mask_rows = (rows < n_rows)[:, None]
-        for start in range(0, n_cols, BLOCK_COLS):
+        row_exists = (rows < n_rows)[:, None]
+        for start in tl.range(0, n_cols, BLOCK_COLS, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_COLS)
-            col_mask = (cols < n_cols)[None, :]
-            mask = counted[:, None] & col_mask
-            log_q = tl.load(student + cols[None, :], mask=mask, other=0.0).to(tl.float32) / temperature
-            log_q = log_q - lse_s[:, None]
-            log_p = tl.load(teacher + cols[None, :], mask=mask, other=0.0).to(tl.float32) / temperature
-            log_p = log_p - lse_t[:, None]
-            _, grad = jsd_terms(log_q, log_p, beta, log_beta, log_1m_beta, MODE)
-            dlogits = tl.where(mask, coef * (grad - tl.exp(log_q) * grad_sum), 0.0)
+            mask = counted[:, None] & (cols < n_cols)[None, :]
+            s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            log2_q = s * scale - lse2_s[:, None]
+            _, grad = jsd_terms_base2(log2_q, t * scale - lse2_t[:, None], beta, MODE)
+            dlogits = factor * (grad - tl.exp2(log2_q) * grad_sum)
             tl.store(
-                student + cols[None, :], cast_to(dlogits, STUDENT.dtype.element_ty), mask=store_mask_rows & col_mask
+                student + cols[None, :],
+                cast_to(dlogits, STUDENT.dtype.element_ty),
+                mask=row_exists & (cols < n_cols)[None, :],
             )
 
 
@@ -163,7 +180,6 @@ def fused_linear_jsd_forward(
     row_loss = torch.empty((n_rows,), dtype=torch.float32, device=device)
     if n_rows == 0:
         return torch.zeros((), dtype=student_input.dtype, device=device), grad_x, grad_w
-    log_beta, log_1m_beta = beta_logs(beta)
     labels = shift_labels if shift_labels is not None else row_loss  # never read without labels
     step = chunk_rows(n_rows, vocab, student_input.element_size(), teacher_input.element_size())
     # One buffer each for the student's and the teacher's chunk logits, reused by every chunk (flce.chunk_buffer).
@@ -178,9 +194,9 @@ def fused_linear_jsd_forward(
             student_logits, teacher_logits, labels[start:end] if shift_labels is not None else labels, coef,
             row_loss[start:end],
             end - start, vocab, student_logits.stride(0), teacher_logits.stride(0),
-            temperature, beta, log_beta, log_1m_beta, ignore_index,
+            1.0 / temperature, beta, ignore_index,
             MODE=mode_of(beta), HAS_LABELS=shift_labels is not None, WANT_GRAD=want_x or want_w,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=min(BLOCK_COLS, next_power_of_2(vocab)),
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=min(BLOCK_COLS, next_power_of_2(vocab)), STAGES=STAGES,
             num_warps=NUM_WARPS,
         )  # fmt: skip
         dlogits = student_logits  # overwritten by the kernel

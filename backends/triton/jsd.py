@@ -21,8 +21,6 @@ their inputs.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -30,12 +28,15 @@ import triton.language as tl
 from liger_core.spec import KernelSpec
 
 from ._scaling import scale_by_gradient
-from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2, sm_count
+from .rms_norm import DTYPES, INTERPRETED, _launch, cast_to, cdiv, launcher_op, next_power_of_2, sm_count
 
 # beta's special cases as a compile-time constant of the kernels.
 FORWARD_KL = tl.constexpr(0)  # beta = 0: KL(P‖Q)
 REVERSE_KL = tl.constexpr(1)  # beta = 1: KL(Q‖P)
 GENERAL = tl.constexpr(2)
+SMALLEST_NORMAL = tl.constexpr(1.1754943508222875e-38)  # of float32
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 INPUT_DTYPES = DTYPES + (torch.float64,)  # log_p is only read (and rounded to fp32, as the reference does)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -55,31 +56,51 @@ STAGES = 3
 
 
 @triton.jit
-def jsd_terms(log_q, log_p, beta, log_beta, log_1m_beta, MODE: tl.constexpr):
-    """Per element, in fp32: (its term of the row's divergence, d term / d log_q with log_p held fixed).
-
-    A term whose weight (p or q) is 0 is 0, not 0·∞, as in the reference."""
-    if MODE == FORWARD_KL:
-        p = tl.exp(log_p)
-        loss = tl.where(p > 0, p * (log_p - log_q), 0.0)
-        grad = -p
-    elif MODE == REVERSE_KL:
-        q = tl.exp(log_q)
-        diff = log_q - log_p
-        loss = tl.where(q > 0, q * diff, 0.0)
-        grad = tl.where(q > 0, q * (diff + 1.0), 0.0)
+def fast_log2(x):
+    """log2 through the special-function unit's ``lg2.approx`` (relative error about 2^-22), where ``tl.log2`` and
+    ``tl.log`` compile to libdevice's accurate versions, some 25 instructions each."""
+    if INTERPRETED:
+        log2 = tl.log2(x)
     else:
-        p = tl.exp(log_p)
-        q = tl.exp(log_q)
-        # log m = logaddexp(log p + log beta, log q + log(1 − beta)); NaN only where p = q = 0, masked below.
-        a = log_p + log_beta
-        b = log_q + log_1m_beta
-        high = tl.maximum(a, b)
-        log_m = high + tl.log(1.0 + tl.exp(tl.minimum(a, b) - high))
-        q_part = tl.where(q > 0, q * (log_q - log_m), 0.0)
-        loss = beta * tl.where(p > 0, p * (log_p - log_m), 0.0) + (1.0 - beta) * q_part
+        log2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    return log2
+
+
+@triton.jit
+def jsd_terms_base2(log2_q, log2_p, beta, MODE: tl.constexpr):
+    """Per element, in fp32, from the base-2 logarithms of q and p: (its term of the row's divergence, d term / d ln q
+    with p held fixed), both divided by ln 2. Base 2 is the special-function unit's: each exponential and logarithm
+    is one instruction, and the fused-linear JSD's row kernel, which does this for every element twice, is bound
+    by its instruction count.
+
+    A term whose weight (p or q) is 0 is 0, not 0·∞, as in the reference; so an element loaded as -inf (a masked
+    lane) contributes 0 to both."""
+    if MODE == FORWARD_KL:
+        p = tl.exp2(log2_p)
+        loss = tl.where(p > 0, p * (log2_p - log2_q), 0.0)
+        grad = -p * LOG2E
+    elif MODE == REVERSE_KL:
+        q = tl.exp2(log2_q)
+        diff = log2_q - log2_p
+        loss = tl.where(q > 0, q * diff, 0.0)
+        grad = tl.where(q > 0, q * (diff + LOG2E), 0.0)
+    else:
+        p = tl.exp2(log2_p)
+        q = tl.exp2(log2_q)
+        # m = beta·p + (1 − beta)·q, floored at the smallest normal float so that log m stays finite where p and q
+        # are subnormal or 0 (such terms are below 1e-37 either way; where both are 0 the masks below give 0).
+        log2_m = fast_log2(tl.maximum(beta * p + (1.0 - beta) * q, SMALLEST_NORMAL))
+        q_part = tl.where(q > 0, q * (log2_q - log2_m), 0.0)
+        loss = beta * tl.where(p > 0, p * (log2_p - log2_m), 0.0) + (1.0 - beta) * q_part
         grad = (1.0 - beta) * q_part
     return loss, grad
+
+
+@triton.jit
+def jsd_terms(log_q, log_p, beta, MODE: tl.constexpr):
+    """jsd_terms_base2 from natural logarithms, in natural units: (the element's term, d term / d log_q)."""
+    loss, grad = jsd_terms_base2(log_q * LOG2E, log_p * LOG2E, beta, MODE)
+    return loss * LN2, grad * LN2
 
 
 @triton.jit
@@ -96,7 +117,7 @@ def counted_rows(LABELS, rows, n_rows, ignore_index, HAS_LABELS: tl.constexpr):
 def jsd_kernel(
     LOG_Q, LOG_P, LABELS, COEF, G, PARTIALS, GRAD,
     n_rows, n_cols, q_row_stride, p_row_stride, grad_row_stride,
-    beta, log_beta, log_1m_beta, ignore_index,
+    beta, ignore_index,
     MODE: tl.constexpr, HAS_LABELS: tl.constexpr, WANT_LOSS: tl.constexpr, WANT_GRAD: tl.constexpr,
     HAS_G: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
@@ -120,7 +141,7 @@ def jsd_kernel(
         mask = counted[:, None] & col_mask[None, :]
         log_q = tl.load(LOG_Q + rows[:, None] * q_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         log_p = tl.load(LOG_P + rows[:, None] * p_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        loss, grad = jsd_terms(log_q, log_p, beta, log_beta, log_1m_beta, MODE)
+        loss, grad = jsd_terms(log_q, log_p, beta, MODE)
         if WANT_LOSS:
             acc += tl.where(mask, loss, 0.0)
         if WANT_GRAD:
@@ -140,11 +161,6 @@ def jsd_kernel(
 
 def mode_of(beta: float) -> int:
     return 0 if beta == 0.0 else 1 if beta == 1.0 else 2
-
-
-def beta_logs(beta: float) -> tuple[float, float]:
-    """log(beta) and log(1 − beta), only read in the general case (0 < beta < 1)."""
-    return (math.log(beta), math.log1p(-beta)) if 0.0 < beta < 1.0 else (0.0, 0.0)
 
 
 def tile_shape(n_rows: int, n_cols: int) -> tuple[int, int]:
@@ -185,12 +201,11 @@ def jsd_forward(
     block_rows, block_cols = tile_shape(n_rows, n_cols)
     programs = grid_size(n_rows, n_cols, block_rows, block_cols, device)
     partials = torch.empty((programs,), dtype=torch.float32, device=device)
-    log_beta, log_1m_beta = beta_logs(beta)
     labels = shift_labels if shift_labels is not None else log_q  # never read without labels
     _launch(jsd_kernel)[(programs,)](
         log_q, log_p, labels, coef, coef, partials, grad,
         n_rows, n_cols, log_q.stride(0), log_p.stride(0), n_cols,
-        beta, log_beta, log_1m_beta, ignore_index,
+        beta, ignore_index,
         MODE=mode_of(beta), HAS_LABELS=shift_labels is not None, WANT_LOSS=True, WANT_GRAD=want_grad,
         HAS_G=False, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, STAGES=STAGES,
         num_warps=NUM_WARPS,
@@ -215,13 +230,12 @@ def jsd_backward(
         return grad
     block_rows, block_cols = tile_shape(n_rows, n_cols)
     programs = grid_size(n_rows, n_cols, block_rows, block_cols, log_q.device)
-    log_beta, log_1m_beta = beta_logs(beta)
     labels = shift_labels if shift_labels is not None else log_q  # never read without labels
     no_partials = torch.empty((0,), dtype=torch.float32, device=log_q.device)
     _launch(jsd_kernel)[(programs,)](
         log_q, log_p, labels, coef, grad_loss, no_partials, grad,
         n_rows, n_cols, log_q.stride(0), log_p.stride(0), n_cols,
-        beta, log_beta, log_1m_beta, ignore_index,
+        beta, ignore_index,
         MODE=mode_of(beta), HAS_LABELS=shift_labels is not None, WANT_LOSS=False, WANT_GRAD=True,
         HAS_G=True, BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, STAGES=STAGES,
         num_warps=NUM_WARPS,

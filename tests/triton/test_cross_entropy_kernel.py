@@ -51,10 +51,35 @@ def device():
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
-@pytest.fixture
-def small_blocks(kernel_module, monkeypatch):
-    """Rows of 53 are swept in four 16-wide chunks, the last one ragged."""
+@pytest.fixture(params=["few rows", "many rows"])
+def small_blocks(kernel_module, monkeypatch, request):
+    """Rows of 53 are swept in four 16-wide chunks, the last one ragged, by the launch for rows too few to fill the
+    SMs and by the one for many rows (row_launch)."""
     monkeypatch.setattr(kernel_module, "BLOCK_V", 16)
+    monkeypatch.setattr(kernel_module, "FEW_ROWS_BLOCK_V", 16)
+    monkeypatch.setattr(kernel_module, "WARP_SLOTS_PER_SM", 1 << 30 if request.param == "few rows" else 0)
+
+
+def test_row_launch_widens_the_programs_only_when_the_rows_cannot_fill_the_sms(kernel_module):
+    cpu = torch.device("cpu")
+    slots = kernel_module.WARP_SLOTS_PER_SM * kernel_module.sm_count(cpu)
+    threshold = slots // kernel_module.ROW_WARPS  # the fewest rows whose ROW_WARPS-warp programs fill every slot
+    few = kernel_module.row_launch(threshold - 1, 128256, cpu)
+    many = kernel_module.row_launch(threshold, 128256, cpu)
+    assert few == {
+        "BLOCK": kernel_module.FEW_ROWS_BLOCK_V,
+        "STAGES": kernel_module.FEW_ROWS_STAGES,
+        "num_warps": kernel_module.FEW_ROWS_WARPS,
+    }
+    assert many == {
+        "BLOCK": kernel_module.BLOCK_V,
+        "STAGES": kernel_module.ROW_STAGES,
+        "num_warps": kernel_module.ROW_WARPS,
+    }
+    assert few["num_warps"] > many["num_warps"]
+    # a narrow vocabulary is one block, whichever launch
+    narrow = (kernel_module.row_launch(3, 100, cpu), kernel_module.row_launch(threshold, 100, cpu))
+    assert narrow[0]["BLOCK"] == narrow[1]["BLOCK"] == 128
 
 
 def make(rows, vocab, dtype, device, with_weight=False, ignore_index=-100, seed=0):

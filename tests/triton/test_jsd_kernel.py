@@ -115,6 +115,18 @@ def test_every_row_ignored_gives_zero_loss_and_zero_gradient(gradient_side, devi
     assert loss.item() == 0.0 and torch.count_nonzero(grad).item() == 0
 
 
+@pytest.mark.parametrize("beta", [0.5, 0.2])
+def test_probabilities_that_underflow_give_finite_terms(gradient_side, device, beta):
+    """Entries far below the rest of their row: subnormal (e^-95, e^-103.5: the smallest subnormal, which halves to
+    0) or zero (e^-120) in float32, in one distribution or in both at once (where the mixture m is floored), and
+    teacher entries of probability exactly 0 (-inf)."""
+    log_q, log_p = make(6, 53, torch.float32, "cpu")
+    log_q[:, :6] = torch.tensor([-95.0, -120.0, -95.0, -30.0, -120.0, -103.5])
+    log_p[:, :6] = torch.tensor([-95.0, -95.0, float("-inf"), -120.0, -120.0, -120.0])
+    loss, grad = check(log_q.to(device), log_p.to(device), None, beta=beta)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
 def test_wide_rows_in_one_program(kernel_module, device):
     # The default tiles: a row wider than MAX_BLOCK_COLS is several blocks.
     vocab = kernel_module.MAX_BLOCK_COLS + 1000
