@@ -48,7 +48,8 @@ REDUCTIONS = ("mean", "sum", "none")
 # flight at once (Triton's loop pipelining). From benchmarks/tune.py on an H200 at (8192, 128256) bf16, forward and
 # backward: (2048, 4, 3) 1.70-1.81 ms over two runs, against 1.77-1.86 for the former (4096, 8, 1); persistent grids
 # of 1-4 programs per SM (fewer rows in flight, so that the second sweep could hit L2) and L2 eviction hints were
-# slower or no faster (1.82-6.6 ms) and were dropped.
+# slower or no faster (1.82-6.6 ms) and were dropped. Retried with 8-32 warps a program and the second sweep
+# reversed: 1.77-4.21 ms against 1.53 (2026-11-29-h200-s11-ce-row-variants.json).
 BLOCK_V, ROW_WARPS, ROW_STAGES = 2048, 4, 3
 # With fewer rows than fill every SM's 64 warp slots with ROW_WARPS-warp programs (a fused-linear chunk of 1024 rows),
 # wider programs keep more loads in flight: at (1024, 128256) bf16, a lean copy of the row kernel took 0.214 ms with
@@ -226,7 +227,8 @@ def cross_entropy_rows_kernel(
             else:
                 p_scale += smoothing * ce_scale
         grad_row = GRAD + row * grad_row_stride
-        # Backwards along the row: the chunks sweep 1 read last are the likeliest to be still in L2.
+        # Backwards along the row: the chunks sweep 1 read last are the likeliest to be still in L2 (1 % faster at
+        # (8192, 128256) bf16).
         n_blocks = tl.cdiv(n_cols, BLOCK)
         for step in tl.range(0, n_blocks, num_stages=STAGES):
             cols = (n_blocks - 1 - step) * BLOCK + offsets

@@ -14,9 +14,9 @@ Traffic per element: 2 reads and 1 write, against 2 reads in the forward plus 2 
 recomputed it; the price is the gradient buffer existing from the forward on instead of from the backward on.
 ``GRADIENT_IN_FORWARD = False`` selects the recomputing backward (kept: it is what a retained graph would need).
 
-The shared elementwise math (``jsd_terms``) is also used by fused_linear_jsd. Under torch.compile the launchers run
-as custom ops opaque to Inductor; eagerly they are plain calls (see rms_norm.py's launchers for why). They never write
-their inputs.
+The shared elementwise math (``jsd_terms_base2``, in base 2) is also used by fused_linear_jsd. Under torch.compile
+the launchers run as custom ops opaque to Inductor; eagerly they are plain calls (see rms_norm.py's launchers for
+why). They never write their inputs.
 """
 
 from __future__ import annotations
