@@ -203,7 +203,10 @@ def loss_and_outputs(pairs_fn, extras_fn, logps: tuple, nll, alpha: float, logit
     extras = extras_fn(c, r, ref_c, ref_r, attrs)
     nll_out = nll if attrs["compute_nll_loss"] else torch.zeros_like(nll)
     aux = (c, r, logits_means[0], logits_means[1], nll_out, *extras)
-    return (loss.to(dtype),) + tuple(t.detach().to(dtype) for t in aux), tuple(slopes)
+    # The loss is copied even where it already has the dtype: returned as computed, it reached the autograd bridge's
+    # backward with a zero gradient under torch.compile on torch 2.11 (every gradient of the four losses came out 0;
+    # torch 2.13 is not affected), on the H200 and on the CPU alike.
+    return (loss.to(dtype, copy=True),) + tuple(t.detach().to(dtype) for t in aux), tuple(slopes)
 
 
 def make_forward(op: str, pairs_fn, extras_fn, always_average: bool, token_pass=None):
