@@ -204,8 +204,8 @@ def loss_and_outputs(pairs_fn, extras_fn, logps: tuple, nll, alpha: float, logit
     nll_out = nll if attrs["compute_nll_loss"] else torch.zeros_like(nll)
     aux = (c, r, logits_means[0], logits_means[1], nll_out, *extras)
     # The loss is copied even where it already has the dtype: returned as computed, it reached the autograd bridge's
-    # backward with a zero gradient under torch.compile on torch 2.11 (every gradient of the four losses came out 0;
-    # torch 2.13 is not affected), on the H200 and on the CPU alike.
+    # backward with a zero gradient under torch.compile on torch 2.11, so DPO's and ORPO's gradients all came out 0
+    # (tests/triton/test_preference_triton.py, on the H200 and on the CPU alike; torch 2.13 is not affected).
     return (loss.to(dtype, copy=True),) + tuple(t.detach().to(dtype) for t in aux), tuple(slopes)
 
 
