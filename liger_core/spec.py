@@ -192,6 +192,14 @@ class KernelSpec(_Frozen):
     eager_autograd: bool = False
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`: `t` itself when it already has it, else ``t.to(dtype)``. A kernel with a `backward` returns its
+    outputs through this rather than a bare ``.to(dtype)``: under torch.compile on torch 2.11, an output made by a
+    ``.to`` that changed nothing reaches the bridge's `backward` with a gradient of 0, and every input gradient comes
+    out 0 (torch 2.13 is not affected)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _check_reference(value: str, what: str) -> str:
     if not REFERENCE_PATTERN.match(value):
         raise ValueError(f"{what} must look like 'package.module:attribute', got {value!r}")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from liger_core.opaque import opaque_op
-from liger_core.spec import FLOAT_DTYPES, KernelSpec
+from liger_core.spec import FLOAT_DTYPES, KernelSpec, as_dtype
 
 from . import cross_entropy as ce
 
@@ -102,7 +102,7 @@ def finish_outputs(x, target, ce_rows, z_rows, argmaxes, weight_sum, count, attr
         token_accuracy, predicted = ce.token_stats(
             torch.cat(argmaxes), target, target != attrs["ignore_index"], count, attrs
         )
-    return (loss_out.to(loss_dtype), z_loss, token_accuracy, predicted)
+    return (as_dtype(loss_out, loss_dtype), z_loss, token_accuracy, predicted)
 
 
 def _forward_pass(x, weight, target, bias, ce_weight, attrs: dict, want: tuple) -> tuple[tuple, tuple]:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from liger_core.opaque import opaque_op
-from liger_core.spec import FLOAT_DTYPES, KernelSpec
+from liger_core.spec import FLOAT_DTYPES, KernelSpec, as_dtype
 
 from . import jsd
 from .cross_entropy import safe_divide
@@ -66,7 +66,7 @@ def _forward_tensors(
             del grad_log_q, grad_logits
         del log_q, teacher_logits, log_p  # before the next chunk's logits exist: one chunk at a time
 
-    loss = jsd.mean_over_labelled(torch.cat(losses), counted).to(student_input.dtype)
+    loss = as_dtype(jsd.mean_over_labelled(torch.cat(losses), counted), student_input.dtype)
     return loss, grad_x, grad_weight
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from liger_core.opaque import opaque_op
-from liger_core.spec import FLOAT_DTYPES, KernelSpec
+from liger_core.spec import FLOAT_DTYPES, KernelSpec, as_dtype
 
 # Logits elements in one tile: 4 Mi, i.e. 16 MiB in fp32 (32 rows at a 128k vocabulary). Tests patch it.
 TILE_ELEMENTS = 1 << 22
@@ -203,10 +203,7 @@ def loss_and_outputs(pairs_fn, extras_fn, logps: tuple, nll, alpha: float, logit
     extras = extras_fn(c, r, ref_c, ref_r, attrs)
     nll_out = nll if attrs["compute_nll_loss"] else torch.zeros_like(nll)
     aux = (c, r, logits_means[0], logits_means[1], nll_out, *extras)
-    # The loss is copied even where it already has the dtype: returned as computed, it reached the autograd bridge's
-    # backward with a zero gradient under torch.compile on torch 2.11, so DPO's and ORPO's gradients all came out 0
-    # (tests/triton/test_preference_triton.py, on the H200 and on the CPU alike; torch 2.13 is not affected).
-    return (loss.to(dtype, copy=True),) + tuple(t.detach().to(dtype) for t in aux), tuple(slopes)
+    return (as_dtype(loss, dtype),) + tuple(t.detach().to(dtype) for t in aux), tuple(slopes)
 
 
 def make_forward(op: str, pairs_fn, extras_fn, always_average: bool, token_pass=None):

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from liger_core.spec import KernelSpec
+from liger_core.spec import KernelSpec, as_dtype
 
 from ._scaling import scale_by_gradient
 from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, sm_count
@@ -181,7 +181,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
         saved = ("scale", dx.view(shape), y_pred.dtype)
     elif needs_grad:
         saved = ("write", true, shape, y_pred.dtype, attrs["log_target"])
-    return (loss.to(y_pred.dtype),), saved
+    return (as_dtype(loss, y_pred.dtype),), saved
 
 
 def backward(saved: tuple, grad_outputs: tuple):

@@ -16,7 +16,7 @@ from liger_backends.reference import fused_linear_jsd as reference_fljsd
 from liger_backends.reference import jsd
 from liger_backends.reference.cross_entropy import safe_divide
 
-from liger_core.spec import FLOAT_DTYPES
+from liger_core.spec import FLOAT_DTYPES, as_dtype
 
 from .compiler import ALL, LEADING, CompiledFunction, chunk_rows, inductor_kernel, weight_accumulation_dtype
 
@@ -81,7 +81,7 @@ def forward(inputs: tuple, attrs: dict, needs_grad: bool):
             grad_weight.addmm_(grad_logits.t(), x_chunk.to(acc))
         del chunk_grad_x, grad_logits  # before the next chunk's exist: one chunk at a time
 
-    loss = jsd.mean_over_labelled(torch.cat(losses), counted).to(student_input.dtype)
+    loss = as_dtype(jsd.mean_over_labelled(torch.cat(losses), counted), student_input.dtype)
     if not needs_grad:
         return (loss,), None
     return (loss,), (grad_x, grad_weight, student_input.dtype, student_weight.dtype)
