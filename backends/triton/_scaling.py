@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from liger_core.spec import as_dtype
+
 from .rms_norm import cast_to, cdiv, sm_count, traced
 
 BLOCK = 4096
@@ -77,5 +79,4 @@ def scale_in_place(buffer: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor
 
 def scale_by_gradient(x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x (our own contiguous buffer) times the 0-D g, returned in `dtype`: in place when x already has it."""
-    scaled = scale_in_place(x, g)
-    return scaled if scaled.dtype == dtype else scaled.to(dtype)
+    return as_dtype(scale_in_place(x, g), dtype)

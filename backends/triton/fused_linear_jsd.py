@@ -128,17 +128,14 @@ def fused_linear_jsd_rows_kernel(
         row_exists = (rows < n_rows)[:, None]
         for start in tl.range(0, n_cols, BLOCK_COLS, num_stages=STAGES):
             cols = start + tl.arange(0, BLOCK_COLS)
-            mask = counted[:, None] & (cols < n_cols)[None, :]
+            col_mask = (cols < n_cols)[None, :]
+            mask = counted[:, None] & col_mask
             s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
             t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
             log2_q = s * scale - lse2_s[:, None]
             _, grad = jsd_terms_base2(log2_q, t * scale - lse2_t[:, None], beta, MODE)
             dlogits = factor * (grad - tl.exp2(log2_q) * grad_sum)
-            tl.store(
-                student + cols[None, :],
-                cast_to(dlogits, STUDENT.dtype.element_ty),
-                mask=row_exists & (cols < n_cols)[None, :],
-            )
+            tl.store(student + cols[None, :], cast_to(dlogits, STUDENT.dtype.element_ty), mask=row_exists & col_mask)
 
 
 # -- launchers -----------------------------------------------------------------------------------------------------
