@@ -7,10 +7,10 @@ as fit a memory budget for the chunk's two (rows, V) logits blocks):
 
 1. both chunks' logits with ``torch.mm`` in the inputs' dtype (cuBLAS on the GPU; the teacher is detached), each
    into one buffer that every chunk reuses;
-2. one Triton program per block of rows makes three passes over V: the two rows' log-sum-exps of ``logits / T``
-   (online max and sum), then the loss terms and ``Σ_v d loss / d log_q``, then it overwrites the student logits
-   with ``d loss / d logits = coef · (g − q·Σg) / T`` (``g = d loss / d log_q``, ``coef`` = 1/number of counted rows,
-   read on the device; 0 on rows whose label is ``ignore_index``);
+2. one Triton program per token row makes three passes over V: the two rows' log-sum-exps of ``logits / T``
+   (online max and sum), then the loss and ``Σ_v d loss / d log_q``, then it overwrites the student logits with
+   ``d loss / d logits = coef · (g − q·Σg) / T`` (``g = d loss / d log_q``, ``coef`` = 1/number of counted rows, read
+   on the device); a row whose label is ``ignore_index`` reads nothing and writes 0;
 3. ``grad_x[chunk] = dlogits @ W_s`` and ``grad_W_s += dlogits.T @ x_chunk``, accumulated as
    fused_linear_cross_entropy accumulates its weight gradient: in the weight's dtype by default (one rounding per
    chunk, and no float32 copy of the (V, H) gradient: 0.5 GB at V 128256, H 2048 in bf16), in ``accum_dtype`` when
@@ -39,23 +39,35 @@ from .fused_linear_cross_entropy import (
     weight_accumulation_dtype,
     weight_gradient_buffer,
 )
-from .jsd import INDEX_DTYPES, LN2, LOG2E, counted_rows, jsd_terms_base2, mode_of
-from .rms_norm import DTYPES, _launch, cast_to, cdiv, launcher_op, next_power_of_2
+from .jsd import (
+    FORWARD_KL,
+    INDEX_DTYPES,
+    LN2,
+    LOG2E,
+    REVERSE_KL,
+    SMALLEST_NORMAL,
+    fast_log2,
+    mode_of,
+)
+from .rms_norm import DTYPES, _launch, cast_to, launcher_op, next_power_of_2
 
 # Bytes one chunk's student and teacher logits may take together (at the inputs' dtype). At (4096, 2048/4096),
 # V 128256 bf16 on an H200, 512 MiB (1024 rows) keeps the peak at 1019 MiB, within issue 5's 1.2 GB; 1 GiB was 5 %
 # faster at 2.5 GB, 256 MiB 13 % slower (benchmarks/results/2026-11-29-h200-s5-tune.json).
 CHUNK_BYTES = 512 * 2**20
-# Rows per program, the row kernel's column block, warps and pipelined steps. From benchmarks/tune.py at the shape
-# above, forward and backward: (2048, 8, 1) was the fastest or within 0.7 % of it in four sweeps of 6-27 settings,
-# one per version of the kernel (2026-11-29-h200-s11-tune-fljsd-*.json). In the first, the former (4096, 16, 1)
-# took 20.81 ms against 19.12.
-BLOCK_ROWS = 1
+# The row kernel's column block, warps and pipelined steps. From benchmarks/tune.py at the shape above, forward and
+# backward: (2048, 8, 1) was the fastest or within 0.7 % of it in five sweeps of 6-27 settings, one per version of
+# the kernel (2026-11-29-h200-s11-tune-fljsd-*.json, 2026-11-30-h200-s12-tune-fljsd.json: 17.99 ms against 18.03
+# for (1024, 4, 1) and 18.16 for (4096, 8, 1)). In the first, the former (4096, 16, 1) took 20.81 ms against 19.12.
 BLOCK_COLS = 2048
 NUM_WARPS = 8
 STAGES = 1
-# Smallest "minus infinity" of the online maximum, finite so that masked rows never compute inf − inf.
+# Smallest "minus infinity" of the online maxima, finite so that a slice that has seen nothing never computes
+# inf − inf.
 LOWEST = tl.constexpr(-3.0e38)
+# log2 of the probability given to the lanes of a partial last column block past the row's end: finite (0 · -inf
+# would be NaN in a term), and its probability is exactly 0.
+FAR_BELOW = tl.constexpr(-1.0e30)
 
 
 # -- kernel --------------------------------------------------------------------------------------------------------
@@ -64,78 +76,187 @@ LOWEST = tl.constexpr(-3.0e38)
 @triton.jit
 def fused_linear_jsd_rows_kernel(
     STUDENT, TEACHER, LABELS, COEF, ROW_LOSS,
-    n_rows, n_cols, s_row_stride, t_row_stride,
+    n_cols, s_row_stride, t_row_stride,
     inverse_temperature, beta, ignore_index,
     MODE: tl.constexpr, HAS_LABELS: tl.constexpr, WANT_GRAD: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, STAGES: tl.constexpr,
+    SLICES: tl.constexpr, BLOCK_COLS: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """Rows of one chunk: the loss of each row into ROW_LOSS and, with WANT_GRAD, d loss / d student logits written
-    over STUDENT (each element is read before it is written, by the same program).
+    """One row of one chunk per program: the row's loss into ROW_LOSS and, with WANT_GRAD, d loss / d student logits
+    written over STUDENT (each element is read before it is written, by the same program).
 
-    The kernel is bound by its instructions per element, not by its memory traffic, so it works in base 2 (see
-    jsd_terms_base2): log2 q = logits · log2(e) / T − lse2 is one FMA per element, and the natural units come back
-    once per row (ln 2). Masked lanes are loaded as -inf, which every term turns into 0 without a select."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-    counted = counted_rows(LABELS, rows, n_rows, ignore_index, HAS_LABELS)
-    student = STUDENT + rows[:, None] * s_row_stride
-    teacher = TEACHER + rows[:, None] * t_row_stride
-    scale = inverse_temperature * LOG2E
+    Its instructions per element decide whether memory bounds it, so they are kept few (about 52 SASS instructions
+    per element over the three passes, from 77; 505 µs for a 1024-row bf16 chunk at V 128256 on an H200, 88 % of
+    copy speed for its 6 reads and 1 write, from 550 µs; 2026-11-30-h200-s12-fljsd-rows.json):
+    - base 2: with lse2 = log2 Σ 2^(logits · log2(e) / T), log2 q = logits · log2(e) / T − lse2 is one FMA, each
+      exponential and logarithm one special-function instruction, and natural units come back once per row (ln 2);
+    - full column blocks are read without masks; only a partial last block is masked;
+    - the logits of a GEMM are finite, so unlike the jsd kernel's terms none needs a guard against 0 · -inf;
+    - the loss pass keeps two per-lane sums from which the loss and Σg follow per row (`row_sums`).
 
-    # pass 1: base-2 log-sum-exp of both rows of logits · scale. Only the maxima are reduced across the block at
-    # each step (the exponentials' shift must be one number per row); the sums stay per lane until the loop ends.
-    max_s = tl.full([BLOCK_ROWS], LOWEST, dtype=tl.float32)
-    max_t = tl.full([BLOCK_ROWS], LOWEST, dtype=tl.float32)
-    sums_s = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    sums_t = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for start in tl.range(0, n_cols, BLOCK_COLS, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_COLS)
-        mask = counted[:, None] & (cols < n_cols)[None, :]
-        s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        new_max_s = tl.maximum(max_s, tl.max(s, axis=1))
-        new_max_t = tl.maximum(max_t, tl.max(t, axis=1))
-        # a row that has seen nothing finite yet shifts by 0: LOWEST · scale could overflow to -inf
-        shift_s = tl.where(new_max_s > LOWEST, new_max_s * scale, 0.0)
-        shift_t = tl.where(new_max_t > LOWEST, new_max_t * scale, 0.0)
-        sums_s = sums_s * tl.exp2((max_s - new_max_s) * scale)[:, None] + tl.exp2(s * scale - shift_s[:, None])
-        sums_t = sums_t * tl.exp2((max_t - new_max_t) * scale)[:, None] + tl.exp2(t * scale - shift_t[:, None])
-        max_s = new_max_s
-        max_t = new_max_t
-    # rows that do not count were never read (their sums are 0): their log-sum-exps are set to 0
-    sum_s = tl.sum(sums_s, axis=1)
-    sum_t = tl.sum(sums_t, axis=1)
-    lse2_s = tl.where(counted, max_s * scale + tl.log2(tl.where(counted, sum_s, 1.0)), 0.0)
-    lse2_t = tl.where(counted, max_t * scale + tl.log2(tl.where(counted, sum_t, 1.0)), 0.0)
+    With m = beta·p + (1 − beta)·q, the row's divergence is beta·Σ p·(ln p − ln m) + (1 − beta)·Σ q·(ln q − ln m),
+    and d loss / d ln q_v = g_v = (1 − beta)·q_v·(ln q_v − ln m_v) (p held fixed). The loss pass accumulates the two
+    sums apart (`add_terms`), and the gradient pass writes d loss / d logits = coef · (g − q·Σg) / T
+    (`logits_gradient`). beta = 0 and beta = 1 are KL(P‖Q) and KL(Q‖P) (MODE). Both other passes read the two rows
+    together, so that two loads per thread are in flight at each step."""
+    row = tl.program_id(0).to(tl.int64)
+    if HAS_LABELS:
+        counted = tl.load(LABELS + row) != ignore_index
+    else:
+        counted = tl.full([], 1, dtype=tl.int1)
+    student = STUDENT + row * s_row_stride
+    teacher = TEACHER + row * t_row_stride
+    # A block is a (SLICES, BLOCK_COLS / SLICES) tile of the row: with Triton's default layout one warp per slice.
+    offsets = tl.arange(0, SLICES)[:, None] * (BLOCK_COLS // SLICES) + tl.arange(0, BLOCK_COLS // SLICES)[None, :]
+    full_cols = n_cols - n_cols % BLOCK_COLS
 
-    # pass 2: the loss terms and Σ_v d loss / d log_q, both over ln 2
-    loss_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    grad_acc = tl.zeros([BLOCK_ROWS, BLOCK_COLS], dtype=tl.float32)
-    for start in tl.range(0, n_cols, BLOCK_COLS, num_stages=STAGES):
-        cols = start + tl.arange(0, BLOCK_COLS)
-        mask = counted[:, None] & (cols < n_cols)[None, :]
-        s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-        loss, grad = jsd_terms_base2(s * scale - lse2_s[:, None], t * scale - lse2_t[:, None], beta, MODE)
-        loss_acc += loss
-        grad_acc += grad
-    tl.store(ROW_LOSS + rows, tl.where(counted, tl.sum(loss_acc, axis=1) * LN2, 0.0), mask=rows < n_rows)
-
-    # pass 3: through log_softmax and the temperature, d loss / d logits = coef · (g − q·Σg) / T, with g and Σg
-    # over ln 2 (hence the factor ln 2 in `factor`). Rows that do not count get q = g = 0, so 0.
-    if WANT_GRAD:
-        factor = tl.load(COEF) * inverse_temperature * LN2
-        grad_sum = tl.sum(grad_acc, axis=1)[:, None]
-        row_exists = (rows < n_rows)[:, None]
+    if counted:
+        # pass 1: both rows' base-2 log-sum-exps, online
+        scale = inverse_temperature * LOG2E
+        maxima_s = tl.full([SLICES], LOWEST, dtype=tl.float32)
+        maxima_t = tl.full([SLICES], LOWEST, dtype=tl.float32)
+        sums_s = tl.zeros(offsets.shape, dtype=tl.float32)
+        sums_t = tl.zeros(offsets.shape, dtype=tl.float32)
         for start in tl.range(0, n_cols, BLOCK_COLS, num_stages=STAGES):
-            cols = start + tl.arange(0, BLOCK_COLS)
-            col_mask = (cols < n_cols)[None, :]
-            mask = counted[:, None] & col_mask
-            s = tl.load(student + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            t = tl.load(teacher + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            log2_q = s * scale - lse2_s[:, None]
-            _, grad = jsd_terms_base2(log2_q, t * scale - lse2_t[:, None], beta, MODE)
-            dlogits = factor * (grad - tl.exp2(log2_q) * grad_sum)
-            tl.store(student + cols[None, :], cast_to(dlogits, STUDENT.dtype.element_ty), mask=row_exists & col_mask)
+            cols = start + offsets
+            inside = cols < n_cols
+            s = tl.load(student + cols, mask=inside, other=float("-inf")).to(tl.float32)
+            t = tl.load(teacher + cols, mask=inside, other=float("-inf")).to(tl.float32)
+            maxima_s, sums_s = online_exp2_sums(maxima_s, sums_s, s, scale)
+            maxima_t, sums_t = online_exp2_sums(maxima_t, sums_t, t, scale)
+        lse2_s = log2_of_sums(maxima_s, sums_s, scale)
+        lse2_t = log2_of_sums(maxima_t, sums_t, scale)
+
+        # pass 2: the loss and Σg, per lane, then per row
+        sums_a = tl.zeros(offsets.shape, dtype=tl.float32)
+        sums_b = tl.zeros(offsets.shape, dtype=tl.float32)
+        for start in tl.range(0, full_cols, BLOCK_COLS, num_stages=STAGES):
+            log2_q = log2_probabilities(student, start + offsets, n_cols, scale, lse2_s, False)
+            log2_p = log2_probabilities(teacher, start + offsets, n_cols, scale, lse2_t, False)
+            sums_a, sums_b = add_terms(sums_a, sums_b, log2_q, log2_p, beta, MODE)
+        if full_cols < n_cols:
+            log2_q = log2_probabilities(student, full_cols + offsets, n_cols, scale, lse2_s, True)
+            log2_p = log2_probabilities(teacher, full_cols + offsets, n_cols, scale, lse2_t, True)
+            sums_a, sums_b = add_terms(sums_a, sums_b, log2_q, log2_p, beta, MODE)
+        loss, grad_sum = row_sums(
+            tl.sum(tl.sum(sums_a, axis=1), axis=0), tl.sum(tl.sum(sums_b, axis=1), axis=0), beta, MODE
+        )
+        tl.store(ROW_LOSS + row, loss * LN2)
+
+        # pass 3: d loss / d logits over the student logits
+        if WANT_GRAD:
+            factor = tl.load(COEF) * inverse_temperature * LN2  # g and Σg are over ln 2
+            for start in tl.range(0, full_cols, BLOCK_COLS, num_stages=STAGES):
+                cols = start + offsets
+                log2_q = log2_probabilities(student, cols, n_cols, scale, lse2_s, False)
+                log2_p = log2_probabilities(teacher, cols, n_cols, scale, lse2_t, False)
+                dlogits = logits_gradient(log2_q, log2_p, beta, factor, grad_sum, MODE)
+                tl.store(student + cols, cast_to(dlogits, STUDENT.dtype.element_ty))
+            if full_cols < n_cols:
+                cols = full_cols + offsets
+                log2_q = log2_probabilities(student, cols, n_cols, scale, lse2_s, True)
+                log2_p = log2_probabilities(teacher, cols, n_cols, scale, lse2_t, True)
+                dlogits = logits_gradient(log2_q, log2_p, beta, factor, grad_sum, MODE)
+                tl.store(student + cols, cast_to(dlogits, STUDENT.dtype.element_ty), mask=cols < n_cols)
+    else:
+        # a row that does not count reads nothing: loss 0, gradient 0
+        tl.store(ROW_LOSS + row, 0.0)
+        if WANT_GRAD:
+            for start in tl.range(0, n_cols, BLOCK_COLS):
+                cols = start + offsets
+                tl.store(student + cols, tl.zeros(offsets.shape, dtype=STUDENT.dtype.element_ty), mask=cols < n_cols)
+
+
+@triton.jit
+def online_exp2_sums(maxima, sums, x, scale):
+    """One block's step of a row's base-2 log-sum-exp of x · scale, x a (SLICES, BLOCK_COLS / SLICES) tile: each
+    slice keeps its own running maximum and per-lane sums, so the step reduces across a warp at most and never
+    synchronises the block (log2_of_sums combines the slices once). Lanes past the row's end hold -inf: they change
+    no maximum and add 0."""
+    new_maxima = tl.maximum(maxima, tl.max(x, axis=1))
+    # a slice that has seen nothing finite yet shifts by 0: LOWEST · scale could overflow to -inf
+    shifts = tl.where(new_maxima > LOWEST, new_maxima * scale, 0.0)
+    sums = sums * tl.exp2((maxima - new_maxima) * scale)[:, None] + tl.exp2(x * scale - shifts[:, None])
+    return new_maxima, sums
+
+
+@triton.jit
+def log2_of_sums(maxima, sums, scale):
+    """log2 Σ 2^(x · scale) over the row, from online_exp2_sums' slices. A slice that saw nothing has sums 0 (and a
+    factor of 0 or 1)."""
+    top = tl.max(maxima, axis=0)
+    total = tl.sum(tl.sum(sums, axis=1) * tl.exp2((maxima - top) * scale), axis=0)
+    return top * scale + fast_log2(total)
+
+
+@triton.jit
+def log2_probabilities(LOGITS, cols, n_cols, scale, lse2, MASKED: tl.constexpr):
+    """log2 of the probabilities at `cols`: logits · scale − lse2, one FMA. MASKED: columns past the row's end get
+    FAR_BELOW (probability 0)."""
+    if MASKED:
+        inside = cols < n_cols
+        logits = tl.load(LOGITS + cols, mask=inside, other=0.0).to(tl.float32)
+        log2_probability = tl.where(inside, logits * scale - lse2, FAR_BELOW)
+    else:
+        log2_probability = tl.load(LOGITS + cols).to(tl.float32) * scale - lse2
+    return log2_probability
+
+
+@triton.jit
+def add_terms(sums_a, sums_b, log2_q, log2_p, beta, MODE: tl.constexpr):
+    """The per-lane sums of the loss pass, in base 2 (row_sums turns them into the loss and Σg):
+    general beta: A = p·(log2 p − log2 m), B = q·(log2 q − log2 m); KL(P‖Q): A = p·(log2 p − log2 q), B = p;
+    KL(Q‖P): A = q·(log2 q − log2 p), B = q."""
+    if MODE == FORWARD_KL:
+        p = tl.exp2(log2_p)
+        sums_a += p * (log2_p - log2_q)
+        sums_b += p
+    elif MODE == REVERSE_KL:
+        q = tl.exp2(log2_q)
+        sums_a += q * (log2_q - log2_p)
+        sums_b += q
+    else:
+        p = tl.exp2(log2_p)
+        q = tl.exp2(log2_q)
+        log2_m = log2_mixture(p, q, beta)
+        sums_a += p * (log2_p - log2_m)
+        sums_b += q * (log2_q - log2_m)
+    return sums_a, sums_b
+
+
+@triton.jit
+def row_sums(a, b, beta, MODE: tl.constexpr):
+    """(the row's loss, Σ_v g_v), both over ln 2, from add_terms' sums over the row."""
+    if MODE == FORWARD_KL:  # g = −p·log2(e)
+        loss = a
+        grad_sum = -b * LOG2E
+    elif MODE == REVERSE_KL:  # g = q·(log2 q − log2 p + log2(e))
+        loss = a
+        grad_sum = a + b * LOG2E
+    else:  # g = (1 − beta)·q·(log2 q − log2 m)
+        loss = beta * a + (1.0 - beta) * b
+        grad_sum = (1.0 - beta) * b
+    return loss, grad_sum
+
+
+@triton.jit
+def logits_gradient(log2_q, log2_p, beta, factor, grad_sum, MODE: tl.constexpr):
+    """factor · (g − q·Σg), with g as in row_sums (factor = coef · ln 2 / T)."""
+    q = tl.exp2(log2_q)
+    if MODE == FORWARD_KL:
+        dlogits = factor * (-LOG2E * tl.exp2(log2_p) - q * grad_sum)
+    elif MODE == REVERSE_KL:
+        dlogits = (factor * q) * (log2_q - log2_p + (LOG2E - grad_sum))
+    else:
+        log2_m = log2_mixture(tl.exp2(log2_p), q, beta)
+        dlogits = q * ((factor * (1.0 - beta)) * (log2_q - log2_m) - factor * grad_sum)
+    return dlogits
+
+
+@triton.jit
+def log2_mixture(p, q, beta):
+    """log2 of m = beta·p + (1 − beta)·q, floored at the smallest normal float so that it stays finite (and
+    lg2.approx exact enough) where p and q are subnormal or 0; such terms are below 1e-37 either way."""
+    return fast_log2(tl.maximum(beta * p + (1.0 - beta) * q, SMALLEST_NORMAL))
 
 
 # -- launchers -----------------------------------------------------------------------------------------------------
@@ -187,14 +308,14 @@ def fused_linear_jsd_forward(
         x_chunk = student_input[start:end]
         student_logits = chunk_logits(x_chunk, student_weight, None, student_buffer)
         teacher_logits = chunk_logits(teacher_input[start:end], teacher_weight, None, teacher_buffer)
-        _launch(fused_linear_jsd_rows_kernel)[(cdiv(end - start, BLOCK_ROWS),)](
+        block_cols = min(BLOCK_COLS, next_power_of_2(vocab))
+        _launch(fused_linear_jsd_rows_kernel)[(end - start,)](
             student_logits, teacher_logits, labels[start:end] if shift_labels is not None else labels, coef,
             row_loss[start:end],
-            end - start, vocab, student_logits.stride(0), teacher_logits.stride(0),
+            vocab, student_logits.stride(0), teacher_logits.stride(0),
             1.0 / temperature, beta, ignore_index,
             MODE=mode_of(beta), HAS_LABELS=shift_labels is not None, WANT_GRAD=want_x or want_w,
-            BLOCK_ROWS=BLOCK_ROWS, BLOCK_COLS=min(BLOCK_COLS, next_power_of_2(vocab)), STAGES=STAGES,
-            num_warps=NUM_WARPS,
+            SLICES=min(NUM_WARPS, block_cols), BLOCK_COLS=block_cols, STAGES=STAGES, num_warps=NUM_WARPS,
         )  # fmt: skip
         dlogits = student_logits  # overwritten by the kernel
         if want_x:

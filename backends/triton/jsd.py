@@ -58,11 +58,15 @@ STAGES = 3
 @triton.jit
 def fast_log2(x):
     """log2 through the special-function unit's ``lg2.approx`` (relative error about 2^-22), where ``tl.log2`` and
-    ``tl.log`` compile to libdevice's accurate versions, some 25 instructions each."""
+    ``tl.log`` compile to libdevice's accurate versions, some 25 instructions each. Subnormal inputs count as 0
+    (``.ftz``: without it ptxas adds a rescaling test around every logarithm), so callers floor x at
+    SMALLEST_NORMAL where it could be subnormal."""
     if INTERPRETED:
-        log2 = tl.log2(x)
+        log2 = tl.log2(tl.where(x < SMALLEST_NORMAL, 0.0, x))
     else:
-        log2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        log2 = tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
     return log2
 
 

@@ -1,5 +1,5 @@
 """The Triton fused_linear_jsd's own paths, which the generic conformance test does not reach: the chunk loop over
-several token chunks (the last one partial), rows in several column blocks and several rows per program, every beta,
+several token chunks (the last one partial), rows in several column blocks and column blocks in slices, every beta,
 temperatures, labels with all rows ignored, different student and teacher hidden sizes and dtypes, a float64
 accumulator, gradients wanted for only one of input and weight, inputs left alone, the weight-gradient accumulation
 on its own, the custom op's schema and fake. Truth is the reference backend's forward run in float64."""
@@ -37,11 +37,11 @@ def device():
 
 @pytest.fixture
 def small_chunks(kernel_module, monkeypatch):
-    """Chunks of 10 rows (3 chunks for 23 rows, the last of 3), column blocks of 16 (V = 53: 4 blocks, the last
-    partial), 4 rows per program (a chunk's last program partly empty)."""
+    """Chunks of 10 rows (3 chunks for 23 rows, the last of 3), column blocks of 16 in two slices of 8 (V = 53: 4
+    blocks, the last partial, its second slice past the row's end)."""
     monkeypatch.setattr(kernel_module, "CHUNK_BYTES", 10 * VOCAB * 4)
     monkeypatch.setattr(kernel_module, "BLOCK_COLS", 16)
-    monkeypatch.setattr(kernel_module, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(kernel_module, "NUM_WARPS", 2)
     assert kernel_module.chunk_rows(ROWS, VOCAB, 2, 2) == 10
 
 
@@ -151,6 +151,18 @@ def test_one_chunk_with_the_default_budget_and_wide_rows(kernel_module, device):
     w_t = (0.5 * torch.randn(wide_vocab, TEACHER_HIDDEN, generator=generator)).to(device)
     assert kernel_module.chunk_rows(4, wide_vocab, 4, 4) == 4
     check((tensors[0], w_s, tensors[2], w_t), None, jsd_beta=0.5)
+
+
+@pytest.mark.parametrize("vocab", [32, 5])
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.3])
+def test_vocabularies_without_a_partial_block_or_with_only_one(small_chunks, device, vocab, beta):
+    # 32: two full column blocks of 16 and no masked block; 5: one block of 8, masked, its second slice holding a
+    # single column.
+    tensors = make(torch.float32, device)
+    generator = torch.Generator().manual_seed(4)
+    w_s = (0.5 * torch.randn(vocab, STUDENT_HIDDEN, generator=generator)).to(device)
+    w_t = (0.5 * torch.randn(vocab, TEACHER_HIDDEN, generator=generator)).to(device)
+    check((tensors[0], w_s, tensors[2], w_t), labels_for(device), jsd_beta=beta)
 
 
 def test_inputs_are_left_alone_and_no_gradient_mode_gives_the_loss(small_chunks, device):
