@@ -84,12 +84,13 @@ def fused_linear_jsd_rows_kernel(
     """One row of one chunk per program: the row's loss into ROW_LOSS and, with WANT_GRAD, d loss / d student logits
     written over STUDENT (each element is read before it is written, by the same program).
 
-    Its instructions per element decide whether memory bounds it, so they are kept few (about 52 SASS instructions
-    per element over the three passes, from 77; 505 µs for a 1024-row bf16 chunk at V 128256 on an H200, 88 % of
-    copy speed for its 6 reads and 1 write, from 550 µs; 2026-11-30-h200-s12-fljsd-rows.json):
+    Its instructions per column decide whether memory bounds it, so they are kept few (about 52 SASS instructions per
+    column of the two rows over the three passes, from 77; 505 µs for a 1024-row bf16 chunk at V 128256 on an H200,
+    88 % of copy speed for its 6 reads and 1 write, from 550 µs; a kernel with the same traffic and almost no
+    arithmetic took 429 µs; 2026-11-30-h200-s12-fljsd-rows.json, …-s12-fljsd-variants.json):
     - base 2: with lse2 = log2 Σ 2^(logits · log2(e) / T), log2 q = logits · log2(e) / T − lse2 is one FMA, each
       exponential and logarithm one special-function instruction, and natural units come back once per row (ln 2);
-    - full column blocks are read without masks; only a partial last block is masked;
+    - the loss and gradient passes read full column blocks without masks; only a partial last block is masked;
     - the logits of a GEMM are finite, so unlike the jsd kernel's terms none needs a guard against 0 · -inf;
     - the loss pass keeps two per-lane sums from which the loss and Σg follow per row (`row_sums`).
 

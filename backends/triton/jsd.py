@@ -14,9 +14,10 @@ Traffic per element: 2 reads and 1 write, against 2 reads in the forward plus 2 
 recomputed it; the price is the gradient buffer existing from the forward on instead of from the backward on.
 ``GRADIENT_IN_FORWARD = False`` selects the recomputing backward (kept: it is what a retained graph would need).
 
-The shared elementwise math (``jsd_terms_base2``, in base 2) is also used by fused_linear_jsd. Under torch.compile
-the launchers run as custom ops opaque to Inductor; eagerly they are plain calls (see rms_norm.py's launchers for
-why). They never write their inputs.
+The elementwise math is in base 2 (``jsd_terms_base2``); fused_linear_jsd shares ``fast_log2`` and the modes but
+arranges its own terms (its logits are finite, so it needs none of the guards against 0 · -inf that log-probabilities
+of exactly 0 need here). Under torch.compile the launchers run as custom ops opaque to Inductor; eagerly they are
+plain calls (see rms_norm.py's launchers for why). They never write their inputs.
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def fast_log2(x):
 def jsd_terms_base2(log2_q, log2_p, beta, MODE: tl.constexpr):
     """Per element, in fp32, from the base-2 logarithms of q and p: (its term of the row's divergence, d term / d ln q
     with p held fixed), both divided by ln 2. Base 2 is the special-function unit's: each exponential and logarithm
-    is one instruction, and the fused-linear JSD's row kernel, which does this for every element twice, is bound
-    by its instruction count.
+    is one instruction.
 
     A term whose weight (p or q) is 0 is 0, not 0·∞, as in the reference; so an element loaded as -inf (a masked
     lane) contributes 0 to both."""
