@@ -85,10 +85,19 @@ def chunk_rows(
     return max(1, min(n, rows))
 
 
+# Row stride of the chunk buffers, in elements, is a multiple of this: Triton specialises an integer argument
+# divisible by 16, and only then can the row kernels prove a row's start 16-byte aligned and load it in vectors. A
+# vocabulary such as 50257 or 128257 would otherwise read every logit with its own 2-byte load.
+ROW_STRIDE_MULTIPLE = 16
+
+
 def chunk_buffer(n_rows: int, step: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The one (rows, V) logits buffer a chunk loop writes every chunk into. Allocating per chunk would hold two
-    chunks at once: the previous chunk's logits stay referenced until the next chunk's assignment completes."""
-    return torch.empty((min(step, n_rows), vocab), dtype=dtype, device=device)
+    """The one (rows, V) logits buffer a chunk loop writes every chunk into, its rows padded to a multiple of
+    ROW_STRIDE_MULTIPLE elements (the padding is never read; cuBLAS writes and reads the rows through their stride).
+    Allocating per chunk would hold two chunks at once: the previous chunk's logits stay referenced until the next
+    chunk's assignment completes."""
+    padded = -(-vocab // ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
+    return torch.empty((min(step, n_rows), padded), dtype=dtype, device=device)[:, :vocab]
 
 
 def chunk_logits(x_chunk: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, buffer: torch.Tensor):

@@ -90,7 +90,9 @@ def fused_linear_jsd_rows_kernel(
     arithmetic took 429 µs; 2026-11-30-h200-s12-fljsd-rows.json, …-s12-fljsd-variants.json):
     - base 2: with lse2 = log2 Σ 2^(logits · log2(e) / T), log2 q = logits · log2(e) / T − lse2 is one FMA, each
       exponential and logarithm one special-function instruction, and natural units come back once per row (ln 2);
-    - the loss and gradient passes read full column blocks without masks; only a partial last block is masked;
+    - the loss and gradient passes read full column blocks without masks; only a partial last block is masked.
+      With the chunk buffers' rows padded to 16 elements (flce.chunk_buffer), those loads are 16-byte vectors
+      whatever V is (the log-sum-exp pass masks every block: with V not a multiple of 16 its loads are scalar);
     - the logits of a GEMM are finite, so unlike the jsd kernel's terms none needs a guard against 0 · -inf;
     - the loss pass keeps two per-lane sums from which the loss and Σg follow per row (`row_sums`).
 

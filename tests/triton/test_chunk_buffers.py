@@ -117,3 +117,20 @@ def test_fused_linear_jsd_reuses_one_buffer_for_each_model(device, small_chunks,
     assert_one_buffer(student, passes=1)
     assert_one_buffer(teacher, passes=1)
     assert student[0][0] != teacher[0][0]
+
+
+@pytest.mark.parametrize("vocab", [37, 48, 50257])
+def test_buffer_rows_are_padded_to_sixteen_elements_and_the_product_lands_in_them(device, vocab):
+    # A row stride divisible by 16 is what lets the row kernels load whole vectors (Triton specialises on it). The
+    # padding columns are never part of the view; the product written through the stride equals F.linear.
+    from liger_backends.triton import fused_linear_cross_entropy as flce
+
+    buffer = flce.chunk_buffer(10, 4, vocab, torch.float32, torch.device(device))
+    assert buffer.shape == (4, vocab)
+    assert buffer.stride() == (-(-vocab // 16) * 16, 1)
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(3, HIDDEN, generator=generator).to(device)
+    weight = torch.randn(vocab, HIDDEN, generator=generator).to(device)
+    logits = flce.chunk_logits(x, weight, None, buffer)
+    assert logits.data_ptr() == buffer.data_ptr() and logits.stride() == buffer.stride()
+    torch.testing.assert_close(logits, F.linear(x, weight))
