@@ -133,13 +133,13 @@ def fused_linear_jsd_rows_kernel(
         sums_a = tl.zeros(offsets.shape, dtype=tl.float32)
         sums_b = tl.zeros(offsets.shape, dtype=tl.float32)
         for start in tl.range(0, full_cols, BLOCK_COLS, num_stages=STAGES):
-            log2_q = log2_probabilities(student, start + offsets, n_cols, scale, lse2_s, False)
-            log2_p = log2_probabilities(teacher, start + offsets, n_cols, scale, lse2_t, False)
-            sums_a, sums_b = add_terms(sums_a, sums_b, log2_q, log2_p, beta, MODE)
+            sums_a, sums_b = add_block_terms(
+                sums_a, sums_b, student, teacher, start + offsets, n_cols, scale, lse2_s, lse2_t, beta, MODE, False
+            )
         if full_cols < n_cols:
-            log2_q = log2_probabilities(student, full_cols + offsets, n_cols, scale, lse2_s, True)
-            log2_p = log2_probabilities(teacher, full_cols + offsets, n_cols, scale, lse2_t, True)
-            sums_a, sums_b = add_terms(sums_a, sums_b, log2_q, log2_p, beta, MODE)
+            sums_a, sums_b = add_block_terms(
+                sums_a, sums_b, student, teacher, full_cols + offsets, n_cols, scale, lse2_s, lse2_t, beta, MODE, True
+            )
         loss, grad_sum = row_sums(
             tl.sum(tl.sum(sums_a, axis=1), axis=0), tl.sum(tl.sum(sums_b, axis=1), axis=0), beta, MODE
         )
@@ -149,17 +149,15 @@ def fused_linear_jsd_rows_kernel(
         if WANT_GRAD:
             factor = tl.load(COEF) * inverse_temperature * LN2  # g and Σg are over ln 2
             for start in tl.range(0, full_cols, BLOCK_COLS, num_stages=STAGES):
-                cols = start + offsets
-                log2_q = log2_probabilities(student, cols, n_cols, scale, lse2_s, False)
-                log2_p = log2_probabilities(teacher, cols, n_cols, scale, lse2_t, False)
-                dlogits = logits_gradient(log2_q, log2_p, beta, factor, grad_sum, MODE)
-                tl.store(student + cols, cast_to(dlogits, STUDENT.dtype.element_ty))
+                write_block_gradient(
+                    student, teacher, start + offsets, n_cols, scale, lse2_s, lse2_t, beta, factor, grad_sum, MODE,
+                    False,
+                )  # fmt: skip
             if full_cols < n_cols:
-                cols = full_cols + offsets
-                log2_q = log2_probabilities(student, cols, n_cols, scale, lse2_s, True)
-                log2_p = log2_probabilities(teacher, cols, n_cols, scale, lse2_t, True)
-                dlogits = logits_gradient(log2_q, log2_p, beta, factor, grad_sum, MODE)
-                tl.store(student + cols, cast_to(dlogits, STUDENT.dtype.element_ty), mask=cols < n_cols)
+                write_block_gradient(
+                    student, teacher, full_cols + offsets, n_cols, scale, lse2_s, lse2_t, beta, factor, grad_sum, MODE,
+                    True,
+                )  # fmt: skip
     else:
         # a row that does not count reads nothing: loss 0, gradient 0
         tl.store(ROW_LOSS + row, 0.0)
@@ -202,6 +200,32 @@ def log2_probabilities(LOGITS, cols, n_cols, scale, lse2, MASKED: tl.constexpr):
     else:
         log2_probability = tl.load(LOGITS + cols).to(tl.float32) * scale - lse2
     return log2_probability
+
+
+@triton.jit
+def add_block_terms(
+    sums_a, sums_b, STUDENT, TEACHER, cols, n_cols, scale, lse2_s, lse2_t, beta,
+    MODE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The loss pass's step over one column block of the two rows (add_terms)."""
+    log2_q = log2_probabilities(STUDENT, cols, n_cols, scale, lse2_s, MASKED)
+    log2_p = log2_probabilities(TEACHER, cols, n_cols, scale, lse2_t, MASKED)
+    return add_terms(sums_a, sums_b, log2_q, log2_p, beta, MODE)
+
+
+@triton.jit
+def write_block_gradient(
+    STUDENT, TEACHER, cols, n_cols, scale, lse2_s, lse2_t, beta, factor, grad_sum,
+    MODE: tl.constexpr, MASKED: tl.constexpr,
+):  # fmt: skip
+    """The gradient pass's step over one column block: d loss / d logits (logits_gradient) over the student row."""
+    log2_q = log2_probabilities(STUDENT, cols, n_cols, scale, lse2_s, MASKED)
+    log2_p = log2_probabilities(TEACHER, cols, n_cols, scale, lse2_t, MASKED)
+    dlogits = cast_to(logits_gradient(log2_q, log2_p, beta, factor, grad_sum, MODE), STUDENT.dtype.element_ty)
+    if MASKED:
+        tl.store(STUDENT + cols, dlogits, mask=cols < n_cols)
+    else:
+        tl.store(STUDENT + cols, dlogits)
 
 
 @triton.jit
