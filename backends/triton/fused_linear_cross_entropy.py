@@ -43,7 +43,7 @@ from torch.torch_version import TorchVersion
 from liger_core.spec import KernelSpec
 
 from .cross_entropy import contiguous_rows, finish, launch_rows, launch_stats, row_buffers, scale_in_place
-from .rms_norm import DTYPES, launcher_op
+from .rms_norm import DTYPES, cdiv, launcher_op
 
 # Most bytes one chunk's logits (in the input dtype) may take, per device type. On the GPU, rows per chunk trade
 # memory for time: every chunk's grad_W GEMM reads and writes the whole (V, H) gradient, so fewer, deeper chunks
@@ -96,7 +96,7 @@ def chunk_buffer(n_rows: int, step: int, vocab: int, dtype: torch.dtype, device:
     ROW_STRIDE_MULTIPLE elements (the padding is never read; cuBLAS writes and reads the rows through their stride).
     Allocating per chunk would hold two chunks at once: the previous chunk's logits stay referenced until the next
     chunk's assignment completes."""
-    padded = -(-vocab // ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
+    padded = cdiv(vocab, ROW_STRIDE_MULTIPLE) * ROW_STRIDE_MULTIPLE
     return torch.empty((min(step, n_rows), padded), dtype=dtype, device=device)[:, :vocab]
 
 
